@@ -1,0 +1,44 @@
+# The two commands of the README:
+#   make test   set up .venv (first time: ~25 min, mostly building mmcv), install the package, run the tests
+#   make demo   set up the same, then train, evaluate and visualise a DCNv2 detector on the embedded data
+# Everything lands in .venv; the mmcv wheel is cached per Python + torch in ~/.cache/mmdet_dcnv2.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+PIPC   := $(PIP) install -c constraints.txt
+CUDA_HOME ?= /usr/local/cuda
+export CUDA_HOME
+PYTEST_ARGS ?=
+
+SOURCES := setup.py pyproject.toml $(shell find csrc mmdet_dcnv2 configs -type f \( -name '*.py' -o -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.json' -o -name '*.yml' \) 2>/dev/null)
+
+.PHONY: env install test test-fast demo clean
+
+env: $(VENV)/.env-done
+
+$(VENV)/.env-done: constraints.txt requirements-dev.txt scripts/build_mmcv_wheel.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIPC) --quiet 'setuptools>=77,<81' wheel ninja packaging
+	$(PIPC) torch torchvision
+	$(PIPC) "$$(scripts/build_mmcv_wheel.sh $(PY))"
+	$(PIPC) -r requirements-dev.txt
+	$(PIPC) --no-deps openmim
+	touch $@
+
+# A regular (not editable) install: openmim finds a package's configs only under site-packages.
+install: $(VENV)/.install-done
+
+$(VENV)/.install-done: $(VENV)/.env-done $(SOURCES)
+	$(PIP) install --no-build-isolation --no-deps .
+	touch $@
+
+test: install
+	cd tests && ../$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-fast: install
+	cd tests && ../$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf build *.egg-info $(VENV)

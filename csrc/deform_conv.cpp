@@ -1,0 +1,215 @@
+// The device-independent half of the modulated deformable convolution (see deform_conv.h): argument
+// checks, the column budget, and the chunked GEMM driver that both backends run their kernels under.
+#include "deform_conv.h"
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+#include "arg_checks.h"
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+namespace mmdet_dcnv2 {
+
+ConvGeometry check_deform_conv_args(const at::Tensor& input, const at::Tensor& offset,
+                                    const std::optional<at::Tensor>& mask, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                    int64_t deform_groups) {
+  TORCH_CHECK_VALUE(input.dim() == 4, "input must be 4-D (N, C, H, W), got shape ", shape_str(input.sizes()));
+  TORCH_CHECK_VALUE(at::isFloatingType(input.scalar_type()), "input must be a floating-point tensor, got ",
+                    input.scalar_type());
+  TORCH_CHECK_VALUE(weight.dim() == 4, "weight must be 4-D (C_out, C_in / groups, kh, kw), got shape ",
+                    shape_str(weight.sizes()));
+  check_same_kind(weight, "weight", input);
+  check_same_kind(offset, "offset", input);
+  check_pair(stride, "stride", 1);
+  check_pair(padding, "padding", 0);
+  check_pair(dilation, "dilation", 1);
+  TORCH_CHECK_VALUE(groups >= 1, "groups must be >= 1, got ", groups);
+  TORCH_CHECK_VALUE(deform_groups >= 1, "deform_groups must be >= 1, got ", deform_groups);
+
+  ConvGeometry g;
+  g.batch = input.size(0);
+  g.in_channels = input.size(1);
+  g.height = input.size(2);
+  g.width = input.size(3);
+  g.out_channels = weight.size(0);
+  g.kernel_h = weight.size(2);
+  g.kernel_w = weight.size(3);
+  g.groups = groups;
+  g.deform_groups = deform_groups;
+  g.sampling = ConvSampling{stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]};
+
+  TORCH_CHECK_VALUE(g.kernel_h >= 1 && g.kernel_w >= 1, "weight must have a kernel of at least 1x1, got shape ",
+                    shape_str(weight.sizes()));
+  TORCH_CHECK_VALUE(g.in_channels % groups == 0, "input channels (", g.in_channels,
+                    ") must be divisible by groups (", groups, ")");
+  TORCH_CHECK_VALUE(g.out_channels % groups == 0, "weight's output channels (", g.out_channels,
+                    ") must be divisible by groups (", groups, ")");
+  TORCH_CHECK_VALUE(g.in_channels % deform_groups == 0, "input channels (", g.in_channels,
+                    ") must be divisible by deform_groups (", deform_groups, ")");
+  TORCH_CHECK_VALUE(weight.size(1) * groups == g.in_channels, "weight must have C_in / groups = ",
+                    g.in_channels / groups, " input channels (input has ", g.in_channels, ", groups=", groups,
+                    "), got weight of shape ", shape_str(weight.sizes()));
+
+  const int64_t span_h = g.sampling.dil_h * (g.kernel_h - 1) + 1;
+  const int64_t span_w = g.sampling.dil_w * (g.kernel_w - 1) + 1;
+  g.out_h = (g.height + 2 * g.sampling.pad_h - span_h) / g.sampling.stride_h + 1;
+  g.out_w = (g.width + 2 * g.sampling.pad_w - span_w) / g.sampling.stride_w + 1;
+  TORCH_CHECK_VALUE(g.height + 2 * g.sampling.pad_h >= span_h && g.width + 2 * g.sampling.pad_w >= span_w,
+                    "input is too small: padded size (", g.height + 2 * g.sampling.pad_h, ", ",
+                    g.width + 2 * g.sampling.pad_w, ") is smaller than the dilated kernel (", span_h, ", ", span_w,
+                    ")");
+
+  const int64_t taps = g.taps();
+  const std::vector<int64_t> offset_shape{g.batch, 2 * deform_groups * taps, g.out_h, g.out_w};
+  TORCH_CHECK_VALUE(offset.sizes() == at::IntArrayRef(offset_shape), "offset must have shape ",
+                    shape_str(offset_shape), " (N, 2 * deform_groups * kh * kw, H_out, W_out), got ",
+                    shape_str(offset.sizes()));
+  if (mask.has_value()) {
+    check_same_kind(*mask, "mask", input);
+    const std::vector<int64_t> mask_shape{g.batch, deform_groups * taps, g.out_h, g.out_w};
+    TORCH_CHECK_VALUE(mask->sizes() == at::IntArrayRef(mask_shape), "mask must have shape ", shape_str(mask_shape),
+                      " (N, deform_groups * kh * kw, H_out, W_out), got ", shape_str(mask->sizes()));
+  }
+  if (bias.has_value()) {
+    check_same_kind(*bias, "bias", input);
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == g.out_channels, "bias must have shape [",
+                      g.out_channels, "], got ", shape_str(bias->sizes()));
+  }
+  return g;
+}
+
+void check_deform_conv_grad_output(const at::Tensor& grad_output, const at::Tensor& input, const ConvGeometry& g) {
+  check_same_kind(grad_output, "grad_output", input);
+  const std::vector<int64_t> shape{g.batch, g.out_channels, g.out_h, g.out_w};
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(shape), "grad_output must have shape ",
+                    shape_str(shape), ", got ", shape_str(grad_output.sizes()));
+}
+
+namespace {
+// 256 MiB of columns: c3 of an 800x1216 R-50 needs 70 MB per float32 image, so typical batches run
+// in one chunk while a large batch of large images cannot exhaust memory.
+std::atomic<int64_t> g_column_budget{int64_t(256) << 20};
+}  // namespace
+
+int64_t column_budget_bytes(int64_t new_value) {
+  if (new_value < 0) return g_column_budget.load();
+  return g_column_budget.exchange(new_value);
+}
+
+int64_t images_per_chunk(const ConvGeometry& g, int64_t element_size) {
+  const int64_t per_image = std::max<int64_t>(1, g.in_channels * g.taps() * g.pixels() * element_size);
+  return std::max<int64_t>(1, std::min<int64_t>(g.batch, column_budget_bytes() / per_image));
+}
+
+}  // namespace mmdet_dcnv2
+
+namespace mmdet_dcnv2 {
+
+namespace {
+
+// A (C, count * pixels) matrix of images [n0, n0 + count) of a contiguous (N, C, H, W) tensor: a view
+// for one image, a transposed copy for several.
+at::Tensor images_as_matrix(const at::Tensor& t, int64_t n0, int64_t count) {
+  const int64_t channels = t.size(1), pixels = t.size(2) * t.size(3);
+  if (count == 1) return t[n0].view({channels, pixels});
+  return t.narrow(0, n0, count).view({count, channels, pixels}).transpose(0, 1).reshape({channels, count * pixels});
+}
+
+at::Tensor group_rows(const at::Tensor& t, int64_t grp, int64_t rows) { return t.narrow(0, grp * rows, rows); }
+
+at::Tensor weight_matrix(const at::Tensor& weight, const ConvGeometry& g, int64_t grp) {
+  return group_rows(weight, grp, g.out_per_group()).view({g.out_per_group(), -1});
+}
+
+}  // namespace
+
+at::Tensor deform_conv_forward(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, ColumnKernels& kernels) {
+  at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
+  if (g.batch == 0 || g.out_channels == 0) return output;
+  const int64_t pixels = g.pixels(), chunk = images_per_chunk(g, input.element_size());
+  const int64_t rows_per_group = g.in_per_group() * g.taps();
+  at::Tensor columns = at::empty({g.in_channels * g.taps(), chunk * pixels}, input.options());
+  at::Tensor out_buf = chunk > 1 ? at::empty({g.out_channels, chunk * pixels}, input.options()) : at::Tensor();
+
+  for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
+    const int64_t count = std::min(chunk, g.batch - n0);
+    at::Tensor cols = columns.narrow(1, 0, count * pixels);
+    kernels.begin_chunk(n0, count);
+    kernels.fill_columns(cols);
+    // One image writes straight into the output; several go through a buffer and a transpose.
+    at::Tensor out = count == 1 ? output[n0].view({g.out_channels, pixels}) : out_buf.narrow(1, 0, count * pixels);
+    for (int64_t grp = 0; grp < g.groups; ++grp) {
+      at::Tensor out_g = group_rows(out, grp, g.out_per_group());
+      at::Tensor cols_g = group_rows(cols, grp, rows_per_group);
+      if (bias.has_value()) {
+        at::addmm_out(out_g, group_rows(*bias, grp, g.out_per_group()).unsqueeze(1), weight_matrix(weight, g, grp),
+                      cols_g);
+      } else {
+        at::mm_out(out_g, weight_matrix(weight, g, grp), cols_g);
+      }
+    }
+    if (count > 1) {
+      output.narrow(0, n0, count).copy_(out.view({g.out_channels, count, g.out_h, g.out_w}).transpose(0, 1));
+    }
+  }
+  return output;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
+    const ConvGeometry& g, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& offset,
+    const std::optional<at::Tensor>& mask, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    std::array<bool, 3> output_mask, ColumnKernels& kernels) {
+  const bool need_input = output_mask[0], need_offset = output_mask[1], need_weight = output_mask[2];
+  const auto opts = input.options();
+  const auto acc_dtype = at::toOpMathType(input.scalar_type());
+  const auto acc_opts = opts.dtype(acc_dtype);
+  auto none = [&] { return at::empty({0}, opts); };
+
+  ConvGrads grads;
+  if (need_input) grads.input = at::zeros(input.sizes(), acc_opts);
+  if (need_offset) grads.offset = at::zeros(offset.sizes(), acc_opts);
+  if (need_offset && mask.has_value()) grads.mask = at::zeros(mask->sizes(), acc_opts);
+  at::Tensor grad_weight = need_weight ? at::zeros(weight.sizes(), acc_opts) : at::Tensor();
+
+  if (g.batch > 0 && g.out_channels > 0 && (need_input || need_offset || need_weight)) {
+    const int64_t pixels = g.pixels(), chunk = images_per_chunk(g, input.element_size());
+    const int64_t rows = g.in_channels * g.taps(), rows_per_group = rows / g.groups;
+    at::Tensor columns = need_weight ? at::empty({rows, chunk * pixels}, opts) : at::Tensor();
+    at::Tensor grad_columns = need_input || need_offset ? at::empty({rows, chunk * pixels}, opts) : at::Tensor();
+    for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
+      const int64_t count = std::min(chunk, g.batch - n0);
+      const at::Tensor gout = images_as_matrix(grad_output, n0, count);  // (C_out, count * pixels)
+      kernels.begin_chunk(n0, count);
+      if (need_weight) {
+        at::Tensor cols = columns.narrow(1, 0, count * pixels);
+        kernels.fill_columns(cols);
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          at::Tensor gw = at::mm(group_rows(gout, grp, g.out_per_group()), group_rows(cols, grp, rows_per_group).t());
+          group_rows(grad_weight, grp, g.out_per_group()).add_(gw.view_as(group_rows(weight, grp, g.out_per_group())));
+        }
+      }
+      if (need_input || need_offset) {
+        at::Tensor gcols = grad_columns.narrow(1, 0, count * pixels);
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          at::Tensor gcols_g = group_rows(gcols, grp, rows_per_group);
+          at::mm_out(gcols_g, weight_matrix(weight, g, grp).t(), group_rows(gout, grp, g.out_per_group()));
+        }
+        kernels.backprop_columns(gcols, grads);
+      }
+    }
+  }
+  auto finish = [&](const at::Tensor& acc) { return acc.defined() ? acc.to(input.scalar_type()) : none(); };
+  at::Tensor grad_bias = need_weight && bias.has_value()
+                             ? grad_output.sum({0, 2, 3}, /*keepdim=*/false, acc_dtype)
+                                   .to(input.scalar_type())
+                             : none();
+  return {finish(grads.input), finish(grads.offset), finish(grads.mask), finish(grad_weight), grad_bias};
+}
+
+}  // namespace mmdet_dcnv2

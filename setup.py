@@ -1,0 +1,77 @@
+"""Builds the mmdet_dcnv2._C extension (everything else is in pyproject.toml).
+
+CPU kernels are always built. CUDA kernels are built when a CUDA toolkit is found -- not when a GPU
+is visible, so a machine with nvcc and no GPU still cross-compiles them -- or as forced by
+MMDET_DCNV2_WITH_CUDA=1 (0 turns them off; default auto). With no GPU to detect and no
+TORCH_CUDA_ARCH_LIST given, a default list of architectures is compiled.
+"""
+
+import glob
+import os
+import sys
+
+import torch
+from setuptools import setup
+from torch.utils import cpp_extension
+
+# CUDA 13 dropped sm_50-72; 9.0 covers H100/H200, +PTX lets newer GPUs JIT the last one.
+DEFAULT_CUDA_ARCH_LIST = "7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX"
+
+
+def want_cuda():
+    choice = os.environ.get("MMDET_DCNV2_WITH_CUDA", "auto").lower()
+    if choice not in ("auto", "0", "1"):
+        sys.exit(f"MMDET_DCNV2_WITH_CUDA must be auto, 0 or 1, got {choice!r}")
+    found = cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
+    if choice == "1" and not found:
+        sys.exit("MMDET_DCNV2_WITH_CUDA=1 but no CUDA toolkit (CUDA_HOME/nvcc) or no CUDA build of torch was found")
+    return found if choice == "auto" else choice == "1"
+
+
+def nvidia_wheel_include_dirs():
+    """Headers torch's CUDA includes but a minimal toolkit may lack (cusparse.h), from torch's nvidia wheels."""
+    dirs = []
+    for entry in sys.path:
+        dirs += glob.glob(os.path.join(entry, "nvidia", "cu*", "include"))
+        dirs += glob.glob(os.path.join(entry, "nvidia", "*", "include"))
+    return [d for d in dirs if os.path.exists(os.path.join(d, "cusparse.h"))]
+
+
+def extension():
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    torch_version = torch.__version__.split("+")[0]
+    macros = [("MMDET_DCNV2_TORCH_VERSION", f'"{torch_version}"'), ("Py_LIMITED_API", "0x03090000")]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+    with_cuda = want_cuda()
+    summary = "mmdet_dcnv2: building CPU kernels"
+    if not with_cuda:
+        print(summary + " only (no CUDA toolkit found or MMDET_DCNV2_WITH_CUDA=0)", flush=True)
+        return cpp_extension.CppExtension(
+            "mmdet_dcnv2._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"], py_limited_api=True)
+
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or "visible GPUs"
+    cusparse_home = os.path.join(cpp_extension.CUDA_HOME, "include", "cusparse.h")
+    if not os.path.exists(cusparse_home):
+        extra = nvidia_wheel_include_dirs()
+        os.environ["CPATH"] = os.pathsep.join(filter(None, [os.environ.get("CPATH")] + extra))
+    cuda_version = torch.version.cuda
+    macros += [("MMDET_DCNV2_WITH_CUDA", None), ("MMDET_DCNV2_CUDA_VERSION", f'"{cuda_version}"'),
+               ("MMDET_DCNV2_CUDA_ARCH_LIST", f'"{arch_list}"')]
+    print(f"{summary} and CUDA {cuda_version} kernels for {arch_list} (nvcc from {cpp_extension.CUDA_HOME})",
+          flush=True)
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    return cpp_extension.CUDAExtension(
+        "mmdet_dcnv2._C", sources, define_macros=macros,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr",
+                                                       "-lineinfo"]},
+        extra_link_args=["-fopenmp"], py_limited_api=True)
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)
