@@ -40,7 +40,7 @@ def nvidia_wheel_include_dirs():
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     torch_version = torch.__version__.split("+")[0]
-    macros = [("MMDET_DCNV2_TORCH_VERSION", f'"{torch_version}"'), ("Py_LIMITED_API", "0x03090000")]
+    macros = [("MMDET_DCNV2_TORCH_VERSION", f'"{torch_version}"')]
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     with_cuda = want_cuda()
     summary = "mmdet_dcnv2: building CPU kernels"
