@@ -1,6 +1,5 @@
 # The two commands of the README:
 #   make test   set up .venv (first time: ~25 min, mostly building mmcv), install the package, run the tests
-#   make demo   set up the same, then train, evaluate and visualise a DCNv2 detector on the embedded data
 # Everything lands in .venv; the mmcv wheel is cached per Python + torch in ~/.cache/mmdet_dcnv2.
 
 PYTHON ?= python3
@@ -9,12 +8,13 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 PIPC   := $(PIP) install -c constraints.txt
 CUDA_HOME ?= /usr/local/cuda
-export CUDA_HOME
+MAX_JOBS  ?= 2
+export CUDA_HOME MAX_JOBS
 PYTEST_ARGS ?=
 
 SOURCES := setup.py pyproject.toml $(shell find csrc mmdet_dcnv2 configs -type f \( -name '*.py' -o -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.json' -o -name '*.yml' \) 2>/dev/null)
 
-.PHONY: env install test test-fast demo clean
+.PHONY: env install test test-fast clean
 
 env: $(VENV)/.env-done
 
@@ -34,11 +34,13 @@ $(VENV)/.install-done: $(VENV)/.env-done $(SOURCES)
 	$(PIP) install --no-build-isolation --no-deps .
 	touch $@
 
+# The pytest script (not `python -m pytest`) keeps the source tree off sys.path: tests import the
+# installed package, which has the compiled extension.
 test: install
-	cd tests && ../$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test-fast: install
-	cd tests && ../$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf build *.egg-info $(VENV)
