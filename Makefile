@@ -12,7 +12,7 @@ MAX_JOBS  ?= 2
 export CUDA_HOME MAX_JOBS
 PYTEST_ARGS ?=
 
-SOURCES := setup.py pyproject.toml $(shell find csrc mmdet_dcnv2 configs -type f \( -name '*.py' -o -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.json' -o -name '*.yml' \) 2>/dev/null)
+SOURCES := setup.py pyproject.toml $(wildcard model-index.yml) $(shell find csrc mmdet_dcnv2 configs tools -type f \( -name '*.py' -o -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.json' -o -name '*.yml' \) 2>/dev/null)
 
 .PHONY: env install test test-fast clean
 

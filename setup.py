@@ -8,10 +8,12 @@ TORCH_CUDA_ARCH_LIST given, a default list of architectures is compiled.
 
 import glob
 import os
+import shutil
 import sys
 
 import torch
 from setuptools import setup
+from setuptools.command.build_py import build_py
 from torch.utils import cpp_extension
 
 # CUDA 13 dropped sm_50-72; 9.0 covers H100/H200, +PTX lets newer GPUs JIT the last one.
@@ -70,8 +72,28 @@ def extension():
         extra_link_args=["-fopenmp"], py_limited_api=True)
 
 
+# openmim finds a package's configs and tools under <package>/.mim, as mmdet ships them; the repo's
+# configs/, tools/ and model-index.yml are their source.
+MIM_FILES = ["configs", "tools", "model-index.yml"]
+
+
+class BuildPyWithMim(build_py):
+    def run(self):
+        super().run()
+        here = os.path.dirname(os.path.abspath(__file__))
+        mim_dir = os.path.join(self.build_lib, "mmdet_dcnv2", ".mim")
+        for name in MIM_FILES:
+            src, dst = os.path.join(here, name), os.path.join(mim_dir, name)
+            if os.path.isdir(src):
+                shutil.rmtree(dst, ignore_errors=True)
+                shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            elif os.path.isfile(src):
+                os.makedirs(mim_dir, exist_ok=True)
+                shutil.copy2(src, dst)
+
+
 setup(
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True), "build_py": BuildPyWithMim},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )
