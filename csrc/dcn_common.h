@@ -48,13 +48,30 @@ DCN_HOST_DEVICE Corners<acc_t, index_t> no_corners() {
   return c;
 }
 
+// Bilinear weights of the four corners for fractional position (ly, lx).
+template <typename acc_t>
+DCN_HOST_DEVICE void bilinear_weights(acc_t ly, acc_t lx, acc_t w[4]) {
+  const acc_t hy = acc_t(1) - ly, hx = acc_t(1) - lx;
+  w[0] = hy * hx;
+  w[1] = hy * lx;
+  w[2] = ly * hx;
+  w[3] = ly * lx;
+}
+
+// d(value)/dy and d(value)/dx of a bilinear interpolation of corner values v at (ly, lx).
+template <typename acc_t>
+DCN_HOST_DEVICE void bilinear_coord_grad(const acc_t v[4], acc_t ly, acc_t lx, acc_t& d_y, acc_t& d_x) {
+  d_y = (acc_t(1) - lx) * (v[2] - v[0]) + lx * (v[3] - v[1]);
+  d_x = (acc_t(1) - ly) * (v[1] - v[0]) + ly * (v[3] - v[2]);
+}
+
 template <typename acc_t, typename index_t>
 DCN_HOST_DEVICE void fill_corners(Corners<acc_t, index_t>& c, index_t y0, index_t x0, index_t y1, index_t x1,
                                   bool in_y0, bool in_x0, bool in_y1, bool in_x1, index_t width) {
-  const acc_t hy = acc_t(1) - c.ly, hx = acc_t(1) - c.lx;
   const bool in[4] = {in_y0 && in_x0, in_y0 && in_x1, in_y1 && in_x0, in_y1 && in_x1};
   const index_t idx[4] = {y0 * width + x0, y0 * width + x1, y1 * width + x0, y1 * width + x1};
-  const acc_t w[4] = {hy * hx, hy * c.lx, c.ly * hx, c.ly * c.lx};
+  acc_t w[4];
+  bilinear_weights(c.ly, c.lx, w);
   for (int j = 0; j < 4; ++j) {
     c.idx[j] = in[j] ? idx[j] : index_t(-1);
     c.w[j] = in[j] ? w[j] : acc_t(0);
@@ -66,10 +83,13 @@ DCN_HOST_DEVICE void fill_corners(Corners<acc_t, index_t>& c, index_t y0, index_
 // infinities included, samples zero. The test is written so that NaN fails it, and floor() is only
 // converted to an integer for coordinates already known to be in range.
 template <typename acc_t, typename index_t>
+DCN_HOST_DEVICE bool zero_border_in_range(acc_t y, acc_t x, index_t height, index_t width) {
+  return y > acc_t(-1) && x > acc_t(-1) && y < acc_t(height) && x < acc_t(width);
+}
+
+template <typename acc_t, typename index_t>
 DCN_HOST_DEVICE Corners<acc_t, index_t> zero_border_corners(acc_t y, acc_t x, index_t height, index_t width) {
-  if (!(y > acc_t(-1) && x > acc_t(-1) && y < acc_t(height) && x < acc_t(width))) {
-    return no_corners<acc_t, index_t>();
-  }
+  if (!zero_border_in_range(y, x, height, width)) return no_corners<acc_t, index_t>();
   Corners<acc_t, index_t> c;
   const acc_t fy = dcn_floor(y), fx = dcn_floor(x);
   const index_t y0 = static_cast<index_t>(fy), x0 = static_cast<index_t>(fx);
@@ -78,6 +98,25 @@ DCN_HOST_DEVICE Corners<acc_t, index_t> zero_border_corners(acc_t y, acc_t x, in
   c.dy_live = c.dx_live = true;
   fill_corners(c, y0, x0, y0 + 1, x0 + 1, y0 >= 0, x0 >= 0, y0 + 1 < height, x0 + 1 < width, width);
   return c;
+}
+
+// The same convention against a copy of each plane padded with zeros: two rows on top, one below,
+// one column each side (kPadTop/kPadLeft; padded width = width + 2, height = height + 3). Every corner
+// of an in-range point then lies inside the padded plane, so reads and scatters need no bounds
+// checks, and out-of-map corners read the padding's zeros. An out-of-range point gets offset 0 and
+// zero weights: its four corners are all padding, so its value and its coordinate gradient are 0.
+// Returns the padded offset of the (low y, low x) corner; the others are +1, +padded width, +both.
+constexpr int kPadTop = 2, kPadLeft = 1;
+
+template <typename acc_t, typename index_t>
+DCN_HOST_DEVICE index_t zero_border_padded(acc_t y, acc_t x, index_t height, index_t width, acc_t w[4]) {
+  if (!zero_border_in_range(y, x, height, width)) {
+    w[0] = w[1] = w[2] = w[3] = acc_t(0);
+    return 0;
+  }
+  const acc_t fy = dcn_floor(y), fx = dcn_floor(x);
+  bilinear_weights(y - fy, x - fx, w);
+  return (static_cast<index_t>(fy) + kPadTop) * (width + 2) + static_cast<index_t>(fx) + kPadLeft;
 }
 
 // RoIAlign convention (mmcv's roi_align / deform_roi_pool): a point more than one pixel outside the
@@ -141,8 +180,9 @@ DCN_HOST_DEVICE void corners_gather_with_grad(const scalar_t* plane, const Corne
     v[j] = c.idx[j] >= 0 ? static_cast<acc_t>(plane[c.idx[j]]) : acc_t(0);
     value += c.w[j] * v[j];
   }
-  d_y = c.dy_live ? (acc_t(1) - c.lx) * (v[2] - v[0]) + c.lx * (v[3] - v[1]) : acc_t(0);
-  d_x = c.dx_live ? (acc_t(1) - c.ly) * (v[1] - v[0]) + c.ly * (v[3] - v[2]) : acc_t(0);
+  bilinear_coord_grad(v, c.ly, c.lx, d_y, d_x);
+  if (!c.dy_live) d_y = acc_t(0);
+  if (!c.dx_live) d_x = acc_t(0);
 }
 
 // Adds grad * weight into each in-map corner of a gradient plane. `add(ptr, value)` is a plain +=

@@ -101,9 +101,20 @@ int64_t column_budget_bytes(int64_t new_value) {
   return g_column_budget.exchange(new_value);
 }
 
-int64_t images_per_chunk(const ConvGeometry& g, int64_t element_size) {
-  const int64_t per_image = std::max<int64_t>(1, g.in_channels * g.taps() * g.pixels() * element_size);
-  return std::max<int64_t>(1, std::min<int64_t>(g.batch, column_budget_bytes() / per_image));
+std::vector<ColumnTile> column_tiles(const ConvGeometry& g, int64_t element_size, int64_t max_bytes) {
+  const int64_t pixels = g.pixels();
+  const int64_t column_bytes = std::max<int64_t>(1, g.in_channels * g.taps() * element_size);
+  const int64_t max_cols = std::max<int64_t>(1, std::min(max_bytes, column_budget_bytes()) / column_bytes);
+  std::vector<ColumnTile> tiles;
+  if (max_cols >= pixels) {
+    const int64_t images = std::max<int64_t>(1, max_cols / std::max<int64_t>(1, pixels));
+    for (int64_t n0 = 0; n0 < g.batch; n0 += images) tiles.push_back({n0, std::min(images, g.batch - n0), 0, pixels});
+  } else {
+    for (int64_t n = 0; n < g.batch; ++n) {
+      for (int64_t p0 = 0; p0 < pixels; p0 += max_cols) tiles.push_back({n, 1, p0, std::min(pixels, p0 + max_cols)});
+    }
+  }
+  return tiles;
 }
 
 }  // namespace mmdet_dcnv2
@@ -112,12 +123,21 @@ namespace mmdet_dcnv2 {
 
 namespace {
 
-// A (C, count * pixels) matrix of images [n0, n0 + count) of a contiguous (N, C, H, W) tensor: a view
-// for one image, a transposed copy for several.
-at::Tensor images_as_matrix(const at::Tensor& t, int64_t n0, int64_t count) {
+// The (C, tile.cols()) matrix of a tile of a contiguous (N, C, H, W) tensor: a strided view within
+// one image, a transposed copy across several.
+at::Tensor tile_matrix(const at::Tensor& t, const ColumnTile& tile) {
   const int64_t channels = t.size(1), pixels = t.size(2) * t.size(3);
-  if (count == 1) return t[n0].view({channels, pixels});
-  return t.narrow(0, n0, count).view({count, channels, pixels}).transpose(0, 1).reshape({channels, count * pixels});
+  if (tile.count == 1) return t[tile.n0].view({channels, pixels}).narrow(1, tile.p0, tile.width());
+  return t.narrow(0, tile.n0, tile.count)
+      .view({tile.count, channels, pixels})
+      .transpose(0, 1)
+      .reshape({channels, tile.cols()});
+}
+
+// A contiguous (rows, cols) matrix at the start of a flat buffer (a narrowed 2-D buffer would not be
+// contiguous, and the kernels index columns densely).
+at::Tensor matrix_in(const at::Tensor& buffer, int64_t rows, int64_t cols) {
+  return buffer.narrow(0, 0, rows * cols).view({rows, cols});
 }
 
 at::Tensor group_rows(const at::Tensor& t, int64_t grp, int64_t rows) { return t.narrow(0, grp * rows, rows); }
@@ -132,18 +152,19 @@ at::Tensor deform_conv_forward(const ConvGeometry& g, const at::Tensor& input, c
                                const std::optional<at::Tensor>& bias, ColumnKernels& kernels) {
   at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
   if (g.batch == 0 || g.out_channels == 0) return output;
-  const int64_t pixels = g.pixels(), chunk = images_per_chunk(g, input.element_size());
-  const int64_t rows_per_group = g.in_per_group() * g.taps();
-  at::Tensor columns = at::empty({g.in_channels * g.taps(), chunk * pixels}, input.options());
-  at::Tensor out_buf = chunk > 1 ? at::empty({g.out_channels, chunk * pixels}, input.options()) : at::Tensor();
+  const auto tiles = column_tiles(g, input.element_size(), kernels.preferred_tile_bytes());
+  const int64_t max_cols = tiles.front().cols(), rows_per_group = g.in_per_group() * g.taps();
+  const int64_t rows = g.in_channels * g.taps();
+  at::Tensor columns = at::empty({rows * max_cols}, input.options());
+  at::Tensor out_buf = tiles.front().count > 1 ? at::empty({g.out_channels * max_cols}, input.options()) : at::Tensor();
 
-  for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
-    const int64_t count = std::min(chunk, g.batch - n0);
-    at::Tensor cols = columns.narrow(1, 0, count * pixels);
-    kernels.begin_chunk(n0, count);
+  for (const ColumnTile& tile : tiles) {
+    at::Tensor cols = matrix_in(columns, rows, tile.cols());
+    kernels.begin_tile(tile);
     kernels.fill_columns(cols);
-    // One image writes straight into the output; several go through a buffer and a transpose.
-    at::Tensor out = count == 1 ? output[n0].view({g.out_channels, pixels}) : out_buf.narrow(1, 0, count * pixels);
+    // Within one image the GEMM writes straight into the output; across images it goes through a
+    // buffer and a transpose.
+    at::Tensor out = tile.count == 1 ? tile_matrix(output, tile) : matrix_in(out_buf, g.out_channels, tile.cols());
     for (int64_t grp = 0; grp < g.groups; ++grp) {
       at::Tensor out_g = group_rows(out, grp, g.out_per_group());
       at::Tensor cols_g = group_rows(cols, grp, rows_per_group);
@@ -154,8 +175,9 @@ at::Tensor deform_conv_forward(const ConvGeometry& g, const at::Tensor& input, c
         at::mm_out(out_g, weight_matrix(weight, g, grp), cols_g);
       }
     }
-    if (count > 1) {
-      output.narrow(0, n0, count).copy_(out.view({g.out_channels, count, g.out_h, g.out_w}).transpose(0, 1));
+    if (tile.count > 1) {
+      output.narrow(0, tile.n0, tile.count)
+          .copy_(out.view({g.out_channels, tile.count, g.out_h, g.out_w}).transpose(0, 1));
     }
   }
   return output;
@@ -178,16 +200,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   at::Tensor grad_weight = need_weight ? at::zeros(weight.sizes(), acc_opts) : at::Tensor();
 
   if (g.batch > 0 && g.out_channels > 0 && (need_input || need_offset || need_weight)) {
-    const int64_t pixels = g.pixels(), chunk = images_per_chunk(g, input.element_size());
+    const auto tiles = column_tiles(g, input.element_size(), kernels.preferred_tile_bytes());
+    const int64_t max_cols = tiles.front().cols();
     const int64_t rows = g.in_channels * g.taps(), rows_per_group = rows / g.groups;
-    at::Tensor columns = need_weight ? at::empty({rows, chunk * pixels}, opts) : at::Tensor();
-    at::Tensor grad_columns = need_input || need_offset ? at::empty({rows, chunk * pixels}, opts) : at::Tensor();
-    for (int64_t n0 = 0; n0 < g.batch; n0 += chunk) {
-      const int64_t count = std::min(chunk, g.batch - n0);
-      const at::Tensor gout = images_as_matrix(grad_output, n0, count);  // (C_out, count * pixels)
-      kernels.begin_chunk(n0, count);
+    at::Tensor columns = need_weight ? at::empty({rows * max_cols}, opts) : at::Tensor();
+    at::Tensor grad_columns = need_input || need_offset ? at::empty({rows * max_cols}, opts) : at::Tensor();
+    for (const ColumnTile& tile : tiles) {
+      const at::Tensor gout = tile_matrix(grad_output, tile);  // (C_out, tile.cols())
+      kernels.begin_tile(tile);
       if (need_weight) {
-        at::Tensor cols = columns.narrow(1, 0, count * pixels);
+        at::Tensor cols = matrix_in(columns, rows, tile.cols());
         kernels.fill_columns(cols);
         for (int64_t grp = 0; grp < g.groups; ++grp) {
           at::Tensor gw = at::mm(group_rows(gout, grp, g.out_per_group()), group_rows(cols, grp, rows_per_group).t());
@@ -195,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
         }
       }
       if (need_input || need_offset) {
-        at::Tensor gcols = grad_columns.narrow(1, 0, count * pixels);
+        at::Tensor gcols = matrix_in(grad_columns, rows, tile.cols());
         for (int64_t grp = 0; grp < g.groups; ++grp) {
           at::Tensor gcols_g = group_rows(gcols, grp, rows_per_group);
           at::mm_out(gcols_g, weight_matrix(weight, g, grp).t(), group_rows(gout, grp, g.out_per_group()));
@@ -203,11 +225,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
         kernels.backprop_columns(gcols, grads);
       }
     }
+    kernels.finish_backward(grads);
   }
   auto finish = [&](const at::Tensor& acc) { return acc.defined() ? acc.to(input.scalar_type()) : none(); };
   at::Tensor grad_bias = need_weight && bias.has_value()
-                             ? grad_output.sum({0, 2, 3}, /*keepdim=*/false, acc_dtype)
-                                   .to(input.scalar_type())
+                             ? grad_output.sum({0, 2, 3}, /*keepdim=*/false, acc_dtype).to(input.scalar_type())
                              : none();
   return {finish(grads.input), finish(grads.offset), finish(grads.mask), finish(grad_weight), grad_bias};
 }

@@ -7,6 +7,7 @@
 
 #include <array>
 #include <tuple>
+#include <vector>
 
 #include "dcn_common.h"
 
@@ -37,32 +38,44 @@ ConvGeometry check_deform_conv_args(const at::Tensor& input, const at::Tensor& o
 // The backward additionally checks grad_output against the forward's output shape.
 void check_deform_conv_grad_output(const at::Tensor& grad_output, const at::Tensor& input, const ConvGeometry& g);
 
-// How many images one chunk of the batch may hold so that its column buffer (in_channels * taps *
-// pixels elements per image) stays within the user-settable budget; at least one.
-int64_t images_per_chunk(const ConvGeometry& g, int64_t element_size);
-
-// Reads/sets the budget in bytes (set with a value >= 0; returns the previous one).
+// Reads/sets the budget in bytes of the column buffer (set with a value >= 0; returns the previous).
 int64_t column_budget_bytes(int64_t new_value = -1);
 
+// A tile of the column matrix: pixels [p0, p1) of images [n0, n0 + count). A tile spans several
+// images only when it holds them whole (p0 = 0, p1 = pixels).
+struct ColumnTile {
+  int64_t n0, count, p0, p1;
+  DCN_HOST_DEVICE int64_t width() const { return p1 - p0; }  // pixels per image in the tile
+  DCN_HOST_DEVICE int64_t cols() const { return count * (p1 - p0); }
+};
+
+// Tiles covering the batch, each with at most max_bytes of columns (C_in * taps elements per
+// column), whole images together where they fit, one image in pixel ranges where it does not.
+std::vector<ColumnTile> column_tiles(const ConvGeometry& g, int64_t element_size, int64_t max_bytes);
+
 // Gradients of one backward call, in the accumulation dtype (float for half types); an undefined
-// tensor where a gradient was not asked for. Backends write them chunk by chunk.
+// tensor where a gradient was not asked for.
 struct ConvGrads {
   at::Tensor input, offset, mask;
 };
 
-// What a backend provides: the sampling between the feature map and the column matrix, one chunk of
-// images [n0, n0 + count) at a time. Columns are (C_in * taps, count * pixels): row c * taps + k,
-// column b * pixels + p holds kernel point k of output pixel p of image n0 + b, channel c, modulated.
+// What a backend provides: the sampling between the feature map and the column matrix, one tile at
+// a time. Columns are (C_in * taps, tile.cols()): row c * taps + k, column b * tile.width() + (p - p0)
+// holds kernel point k of output pixel p of image n0 + b, channel c, modulated.
 class ColumnKernels {
  public:
   virtual ~ColumnKernels() = default;
-  virtual void begin_chunk(int64_t n0, int64_t count) = 0;
+  // The largest column buffer the backend works well with (the user's budget caps it further).
+  virtual int64_t preferred_tile_bytes() const = 0;
+  virtual void begin_tile(const ColumnTile& tile) = 0;
   virtual void fill_columns(const at::Tensor& columns) = 0;
-  // grad_columns -> grads.input (accumulated), grads.offset and grads.mask (this chunk's images).
+  // grad_columns -> grads.input (accumulated), grads.offset and grads.mask (the tile's pixels).
   virtual void backprop_columns(const at::Tensor& grad_columns, ConvGrads& grads) = 0;
+  // After the last tile of a backward call.
+  virtual void finish_backward(ConvGrads& grads) {}
 };
 
-// The device-independent part: chunking the batch under the column budget and the GEMMs with the
+// The device-independent part: tiling the batch under the column budget and the GEMMs with the
 // weight. Tensors must be contiguous and checked.
 at::Tensor deform_conv_forward(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, ColumnKernels& kernels);

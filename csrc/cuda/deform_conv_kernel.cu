@@ -35,16 +35,17 @@ struct Item {
   index_t grp, cblock, k, b, p;
 };
 
-// item = (((grp * blocks_per_group + cblock) * taps + k) * count + b) * pixels + p: pixels fastest.
+// item = (((grp * blocks_per_group + cblock) * taps + k) * count + b) * width + (p - p0): pixels
+// fastest, so consecutive threads touch consecutive columns.
 template <typename index_t>
-__device__ __forceinline__ Item<index_t> decompose(index_t item, const ConvGeometry& g, index_t count,
+__device__ __forceinline__ Item<index_t> decompose(index_t item, const ConvGeometry& g, const ColumnTile& tile,
                                                    index_t blocks_per_group) {
   Item<index_t> it;
-  const index_t pixels = static_cast<index_t>(g.pixels()), taps = static_cast<index_t>(g.taps());
-  it.p = item % pixels;
-  item /= pixels;
-  it.b = item % count;
-  item /= count;
+  const index_t width = static_cast<index_t>(tile.width()), taps = static_cast<index_t>(g.taps());
+  it.p = item % width + static_cast<index_t>(tile.p0);
+  item /= width;
+  it.b = item % static_cast<index_t>(tile.count);
+  item /= static_cast<index_t>(tile.count);
   it.k = item % taps;
   item /= taps;
   it.cblock = item % blocks_per_group;
@@ -69,24 +70,25 @@ __device__ __forceinline__ Corners<acc_t, index_t> item_corners(const Item<index
 }
 
 template <typename scalar_t, typename acc_t, typename index_t>
-__global__ void fill_columns_kernel(index_t items, ConvGeometry g, index_t n0, index_t count, index_t cpb,
+__global__ void fill_columns_kernel(index_t items, ConvGeometry g, ColumnTile tile, index_t cpb,
                                     index_t blocks_per_group, const scalar_t* __restrict__ input,
                                     const scalar_t* __restrict__ offset, const scalar_t* __restrict__ mask,
                                     scalar_t* __restrict__ columns) {
   const index_t pixels = static_cast<index_t>(g.pixels()), taps = static_cast<index_t>(g.taps());
-  const index_t plane = static_cast<index_t>(g.plane()), cols = count * pixels;
+  const index_t plane = static_cast<index_t>(g.plane()), cols = static_cast<index_t>(tile.cols());
+  const index_t width = static_cast<index_t>(tile.width()), p0 = static_cast<index_t>(tile.p0);
   const index_t cpg = static_cast<index_t>(g.in_per_deform_group());
   for (index_t item = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; item < items;
        item += static_cast<index_t>(blockDim.x) * gridDim.x) {
-    const Item<index_t> it = decompose<index_t>(item, g, count, blocks_per_group);
-    const index_t n = n0 + it.b;
+    const Item<index_t> it = decompose<index_t>(item, g, tile, blocks_per_group);
+    const index_t n = static_cast<index_t>(tile.n0) + it.b;
     acc_t m;
     Corners<acc_t, index_t> corners = item_corners<scalar_t, acc_t, index_t>(it, g, n, offset, mask, m);
     scale_corners(corners, m);
     const index_t c_begin = it.grp * cpg + it.cblock * cpb;
     const index_t c_end = min(c_begin + cpb, (it.grp + 1) * cpg);
     const scalar_t* x = input + (n * static_cast<index_t>(g.in_channels) + c_begin) * plane;
-    scalar_t* col = columns + (c_begin * taps + it.k) * cols + it.b * pixels + it.p;
+    scalar_t* col = columns + (c_begin * taps + it.k) * cols + it.b * width + (it.p - p0);
     for (index_t c = c_begin; c < c_end; ++c, x += plane, col += taps * cols) {
       *col = static_cast<scalar_t>(corners_gather<acc_t>(x, corners));
     }
@@ -94,27 +96,28 @@ __global__ void fill_columns_kernel(index_t items, ConvGeometry g, index_t n0, i
 }
 
 template <typename scalar_t, typename acc_t, typename index_t>
-__global__ void backprop_columns_kernel(index_t items, ConvGeometry g, index_t n0, index_t count, index_t cpb,
+__global__ void backprop_columns_kernel(index_t items, ConvGeometry g, ColumnTile tile, index_t cpb,
                                         index_t blocks_per_group, const scalar_t* __restrict__ input,
                                         const scalar_t* __restrict__ offset, const scalar_t* __restrict__ mask,
                                         const scalar_t* __restrict__ grad_columns, acc_t* __restrict__ grad_input,
                                         acc_t* __restrict__ grad_offset, acc_t* __restrict__ grad_mask) {
   const index_t pixels = static_cast<index_t>(g.pixels()), taps = static_cast<index_t>(g.taps());
-  const index_t plane = static_cast<index_t>(g.plane()), cols = count * pixels;
+  const index_t plane = static_cast<index_t>(g.plane()), cols = static_cast<index_t>(tile.cols());
+  const index_t width = static_cast<index_t>(tile.width()), p0 = static_cast<index_t>(tile.p0);
   const index_t cpg = static_cast<index_t>(g.in_per_deform_group());
   const index_t rows = static_cast<index_t>(g.deform_groups) * taps;
   auto atomic_add = [](acc_t* ptr, acc_t v) { gpuAtomicAdd(ptr, v); };
   for (index_t item = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; item < items;
        item += static_cast<index_t>(blockDim.x) * gridDim.x) {
-    const Item<index_t> it = decompose<index_t>(item, g, count, blocks_per_group);
-    const index_t n = n0 + it.b;
+    const Item<index_t> it = decompose<index_t>(item, g, tile, blocks_per_group);
+    const index_t n = static_cast<index_t>(tile.n0) + it.b;
     acc_t m;
     const Corners<acc_t, index_t> corners = item_corners<scalar_t, acc_t, index_t>(it, g, n, offset, mask, m);
     if (corners.idx[0] < 0 && corners.idx[1] < 0 && corners.idx[2] < 0 && corners.idx[3] < 0) continue;
     const index_t c_begin = it.grp * cpg + it.cblock * cpb;
     const index_t c_end = min(c_begin + cpb, (it.grp + 1) * cpg);
     const index_t plane0 = (n * static_cast<index_t>(g.in_channels) + c_begin) * plane;
-    const scalar_t* gcol = grad_columns + (c_begin * taps + it.k) * cols + it.b * pixels + it.p;
+    const scalar_t* gcol = grad_columns + (c_begin * taps + it.k) * cols + it.b * width + (it.p - p0);
     acc_t dy_sum = acc_t(0), dx_sum = acc_t(0), v_sum = acc_t(0);
     for (index_t c = c_begin, off = plane0; c < c_end; ++c, off += plane, gcol += taps * cols) {
       const acc_t gc = static_cast<acc_t>(*gcol);
@@ -157,11 +160,13 @@ class CudaColumns final : public ColumnKernels {
                   std::numeric_limits<int32_t>::max();
   }
 
-  void begin_chunk(int64_t n0, int64_t count) override {
-    n0_ = n0;
-    count_ = count;
+  // The GPU wants large GEMMs: only the user's budget limits a tile.
+  int64_t preferred_tile_bytes() const override { return std::numeric_limits<int64_t>::max(); }
+
+  void begin_tile(const ColumnTile& tile) override {
+    tile_ = tile;
     const int64_t cpg = g_.in_per_deform_group();
-    const int64_t base = g_.deform_groups * g_.taps() * count * g_.pixels();
+    const int64_t base = g_.deform_groups * g_.taps() * tile.cols();
     const int64_t wanted = std::min(cpg, std::max<int64_t>(1, (target_items_ + base - 1) / base));
     channels_per_block_ = (cpg + wanted - 1) / wanted;
     blocks_per_group_ = (cpg + channels_per_block_ - 1) / channels_per_block_;
@@ -173,7 +178,7 @@ class CudaColumns final : public ColumnKernels {
       using index_t = decltype(index_zero);
       fill_columns_kernel<scalar_t, acc_t, index_t>
           <<<blocks_for(items_), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              items_, g_, n0_, count_, channels_per_block_, blocks_per_group_, input_.const_data_ptr<scalar_t>(),
+              items_, g_, tile_, channels_per_block_, blocks_per_group_, input_.const_data_ptr<scalar_t>(),
               offset_.const_data_ptr<scalar_t>(), mask_ptr(), columns.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
@@ -188,7 +193,7 @@ class CudaColumns final : public ColumnKernels {
       using index_t = decltype(index_zero);
       backprop_columns_kernel<scalar_t, acc_t, index_t>
           <<<blocks_for(items_), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              items_, g_, n0_, count_, channels_per_block_, blocks_per_group_, input_.const_data_ptr<scalar_t>(),
+              items_, g_, tile_, channels_per_block_, blocks_per_group_, input_.const_data_ptr<scalar_t>(),
               offset_.const_data_ptr<scalar_t>(), mask_ptr(), grad_columns.const_data_ptr<scalar_t>(),
               data_or_null(grads.input), data_or_null(grads.offset), data_or_null(grads.mask));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -202,7 +207,8 @@ class CudaColumns final : public ColumnKernels {
 
   const ConvGeometry& g_;
   const at::Tensor &input_, &offset_, &mask_;
-  int64_t target_items_ = 0, n0_ = 0, count_ = 0, channels_per_block_ = 1, blocks_per_group_ = 1, items_ = 0;
+  ColumnTile tile_{};
+  int64_t target_items_ = 0, channels_per_block_ = 1, blocks_per_group_ = 1, items_ = 0;
   bool wide_index_ = false;
 };
 
