@@ -223,14 +223,14 @@ struct RoIBin {
 
 // Adaptive sampling (sampling_ratio <= 0) takes ceil(bin size) samples per side. A degenerate,
 // inverted or non-finite RoI takes none (its bins pool to zero); an absurdly large one is capped
-// rather than looping for hours: no bin of a real feature map needs more than kMaxGrid per side.
+// rather than looping for hours: no bin of a real feature map needs more than kMaxRoIGrid per side.
 constexpr int64_t kMaxRoIGrid = 1 << 12;
 
 template <typename acc_t>
 DCN_HOST_DEVICE int64_t roi_grid_size(acc_t bin_size, int64_t sampling_ratio) {
   if (sampling_ratio > 0) return sampling_ratio;
   const acc_t n = dcn_ceil(bin_size);
-  if (!(n > acc_t(0))) return 0;
+  if (!(n > acc_t(0)) || n - n != acc_t(0)) return 0;  // empty, NaN or infinite: every sample reads zero
   return n < acc_t(kMaxRoIGrid) ? static_cast<int64_t>(n) : kMaxRoIGrid;
 }
 

@@ -27,6 +27,14 @@ constexpr int64_t kPixelBlock = 256;
 // Columns per tile: the GEMM then reads the columns from cache, and the buffer is small enough that
 // reusing it costs no page faults (measured: a fresh 70 MB buffer per call costs ~10% of a c3 forward).
 constexpr int64_t kTileBytes = int64_t(4) << 20;
+// Samples a thread should have at least before another one is woken: waking threads for a tiny
+// layer costs more than the work (seen: a 10x slower gradcheck on a busy machine).
+constexpr int64_t kMinSamplesPerThread = int64_t(1) << 14;
+
+// Grain size for at::parallel_for over tasks of `samples_per_task` samples each.
+inline int64_t grain_for(int64_t samples_per_task) {
+  return std::max<int64_t>(1, kMinSamplesPerThread / std::max<int64_t>(1, samples_per_task));
+}
 
 template <typename acc_t>
 struct Sample {
@@ -124,7 +132,7 @@ class CpuColumns final : public ColumnKernels {
     const int64_t rows = g_.deform_groups * taps;
     plan_.resize(rows * cols);
     if (!fold_mask_) masks_.resize(rows * cols);
-    at::parallel_for(0, rows * tile_.count, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows * tile_.count, grain_for(width), [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t row = task / tile_.count, b = task % tile_.count, n = tile_.n0 + b;
         const int64_t k = row % taps, ki = k / g_.kernel_w, kj = k % g_.kernel_w;
@@ -154,7 +162,8 @@ class CpuColumns final : public ColumnKernels {
   void for_each_block(const Fn& fn) const {
     const int64_t rows = g_.deform_groups * g_.taps(), cols = tile_.cols();
     const int64_t blocks = (cols + kPixelBlock - 1) / kPixelBlock;
-    at::parallel_for(0, rows * blocks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t samples_per_task = std::min(cols, kPixelBlock) * g_.in_per_deform_group();
+    at::parallel_for(0, rows * blocks, grain_for(samples_per_task), [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t row = task / blocks, q0 = (task % blocks) * kPixelBlock;
         fn(row, q0, std::min(cols, q0 + kPixelBlock));
@@ -181,7 +190,7 @@ class CpuColumns final : public ColumnKernels {
   void scatter_grad_input(const scalar_t* grad_columns, acc_t* padded_grad) {
     const int64_t taps = g_.taps(), width = tile_.width(), cols = tile_.cols();
     const int64_t cpg = g_.in_per_deform_group(), row_len = pad_.width;
-    at::parallel_for(0, g_.in_channels * tile_.count, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g_.in_channels * tile_.count, grain_for(taps * width), [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t c = task / tile_.count, b = task % tile_.count, grp = c / cpg;
         acc_t* gx = padded_grad + ((tile_.n0 + b) * g_.in_channels + c) * pad_.plane;

@@ -19,16 +19,10 @@
 #include <limits>
 
 #include "../deform_conv.h"
+#include "grid_stride.cuh"
 
 namespace mmdet_dcnv2 {
 namespace {
-
-constexpr int kThreads = 256;
-
-int64_t blocks_for(int64_t items) {
-  constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // grid-stride loops cover the rest
-  return std::max<int64_t>(1, std::min(kMaxBlocks, (items + kThreads - 1) / kThreads));
-}
 
 template <typename index_t>
 struct Item {
@@ -156,8 +150,7 @@ class CudaColumns final : public ColumnKernels {
     // Enough items to give every SM a few waves, without splitting a group finer than needed.
     const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
     target_items_ = sms * 2048 * 2;
-    wide_index_ = std::max({input.numel(), offset.numel(), g.in_channels * g.taps() * g.batch * g.pixels()}) >
-                  std::numeric_limits<int32_t>::max();
+    wide_index_ = needs_wide_index({input.numel(), offset.numel(), g.in_channels * g.taps() * g.batch * g.pixels()});
   }
 
   // The GPU wants large GEMMs: only the user's budget limits a tile.
