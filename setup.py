@@ -8,6 +8,8 @@ TORCH_CUDA_ARCH_LIST given, a default list of architectures is compiled.
 
 import glob
 import os
+import re
+import subprocess
 import shutil
 import sys
 
@@ -16,8 +18,24 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 from torch.utils import cpp_extension
 
-# CUDA 13 dropped sm_50-72; 9.0 covers H100/H200, +PTX lets newer GPUs JIT the last one.
-DEFAULT_CUDA_ARCH_LIST = "7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX"
+
+
+def default_cuda_arch_list(cuda_version):
+    """Architectures to compile for when no GPU can be asked: Turing to Hopper (H100/H200), plus
+    Blackwell where the toolkit knows it (CUDA >= 12.8); +PTX lets newer GPUs JIT the last one.
+    (CUDA 13 dropped sm_50-72, so the list starts at 7.5.)"""
+    major, minor = (int(v) for v in cuda_version.split(".")[:2])
+    arches = ["7.5", "8.0", "8.6", "8.9", "9.0"]
+    if (major, minor) >= (12, 8):
+        arches += ["10.0", "12.0"]
+    return ";".join(arches) + "+PTX"
+
+
+def nvcc_version():
+    """The toolkit's release (e.g. '13.0'), which is what compiles the kernels."""
+    nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    return re.search(r"release (\d+\.\d+)", out).group(1)
 
 
 def want_cuda():
@@ -43,7 +61,8 @@ def extension():
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     torch_version = torch.__version__.split("+")[0]
     macros = [("MMDET_DCNV2_TORCH_VERSION", f'"{torch_version}"')]
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+    # BuildExtension adds the C++ standard the running torch needs (C++20 for torch 2.14).
+    cxx_flags = ["-O3", "-fopenmp"]
     with_cuda = want_cuda()
     summary = "mmdet_dcnv2: building CPU kernels"
     if not with_cuda:
@@ -52,14 +71,14 @@ def extension():
             "mmdet_dcnv2._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"], py_limited_api=True)
 
+    cuda_version = nvcc_version()
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
+        os.environ["TORCH_CUDA_ARCH_LIST"] = default_cuda_arch_list(cuda_version)
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or "visible GPUs"
     cusparse_home = os.path.join(cpp_extension.CUDA_HOME, "include", "cusparse.h")
     if not os.path.exists(cusparse_home):
         extra = nvidia_wheel_include_dirs()
         os.environ["CPATH"] = os.pathsep.join(filter(None, [os.environ.get("CPATH")] + extra))
-    cuda_version = torch.version.cuda
     macros += [("MMDET_DCNV2_WITH_CUDA", None), ("MMDET_DCNV2_CUDA_VERSION", f'"{cuda_version}"'),
                ("MMDET_DCNV2_CUDA_ARCH_LIST", f'"{arch_list}"')]
     print(f"{summary} and CUDA {cuda_version} kernels for {arch_list} (nvcc from {cpp_extension.CUDA_HOME})",
@@ -67,8 +86,7 @@ def extension():
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     return cpp_extension.CUDAExtension(
         "mmdet_dcnv2._C", sources, define_macros=macros,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr",
-                                                       "-lineinfo"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
         extra_link_args=["-fopenmp"], py_limited_api=True)
 
 
@@ -95,5 +113,6 @@ class BuildPyWithMim(build_py):
 setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True), "build_py": BuildPyWithMim},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    # torch's cpp_extension compiles py_limited_api extensions against the 3.10 stable ABI.
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

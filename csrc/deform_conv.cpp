@@ -152,6 +152,9 @@ at::Tensor deform_conv_forward(const ConvGeometry& g, const at::Tensor& input, c
                                const std::optional<at::Tensor>& bias, ColumnKernels& kernels) {
   at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
   if (g.batch == 0 || g.out_channels == 0) return output;
+  if (g.in_channels == 0) {  // an empty sum: the bias alone
+    return bias.has_value() ? output.copy_(bias->view({1, -1, 1, 1}).expand_as(output)) : output.zero_();
+  }
   const auto tiles = column_tiles(g, input.element_size(), kernels.preferred_tile_bytes());
   const int64_t max_cols = tiles.front().cols(), rows_per_group = g.in_per_group() * g.taps();
   const int64_t rows = g.in_channels * g.taps();
@@ -199,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   if (need_offset && mask.has_value()) grads.mask = at::zeros(mask->sizes(), acc_opts);
   at::Tensor grad_weight = need_weight ? at::zeros(weight.sizes(), acc_opts) : at::Tensor();
 
-  if (g.batch > 0 && g.out_channels > 0 && (need_input || need_offset || need_weight)) {
+  if (g.batch > 0 && g.out_channels > 0 && g.in_channels > 0 && (need_input || need_offset || need_weight)) {
     const auto tiles = column_tiles(g, input.element_size(), kernels.preferred_tile_bytes());
     const int64_t max_cols = tiles.front().cols();
     const int64_t rows = g.in_channels * g.taps(), rows_per_group = rows / g.groups;

@@ -530,3 +530,14 @@ def test_cuda_backward_alerts_under_deterministic_algorithms(gen):
             output.sum().backward()
     finally:
         torch.use_deterministic_algorithms(previous)
+
+
+def test_double_backward_is_refused_plainly(gen):
+    """No second derivative is implemented: asking for one says so instead of returning zeros."""
+    input = torch.randn(1, 2, 8, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor([[0.0, 1.3, 1.7, 6.2, 5.9]], dtype=torch.float64)
+    offset = (0.1 * torch.randn(1, 2, 2, 2, generator=gen, dtype=torch.float64)).requires_grad_()
+    out = deform_roi_pool(input, rois, offset, 2)
+    (g_offset,) = torch.autograd.grad(out.square().sum(), (offset,), create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        g_offset.sum().backward()

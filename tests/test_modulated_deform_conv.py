@@ -823,3 +823,50 @@ def test_cuda_indices_beyond_int32():
         whole = modulated_deform_conv2d(input, offset, mask, weight)
         last = modulated_deform_conv2d(input[-1:], offset[-1:], mask[-1:], weight)
     torch.testing.assert_close(whole[-1:], last)
+
+
+@requires_cuda
+def test_cuda_deterministic_offset_grads_without_input_grad(gen):
+    """With only offset and mask requiring grad (a detached feature map) the backward has no scatter
+    into the input; under deterministic algorithms it must then run, and reproduce bitwise."""
+    case = ConvCase(n=2, cin=64, cout=8, size=16, deform_groups=1)
+    x, offset, mask, weight, bias = (t.to("cuda") for t in case.tensors(gen, torch.float32))
+    offset = (4 * offset).requires_grad_()
+    mask = mask.requires_grad_()
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = []
+        for _ in range(2):
+            y = modulated_deform_conv2d(x, offset, mask, weight, bias, *case.params)
+            grads.append(torch.autograd.grad(y.square().sum(), (offset, mask)))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_input_channels_give_the_bias(device, gen):
+    """An empty sum over input channels: the output is the bias, every gradient but the bias' is zero."""
+    x = torch.randn(2, 0, 5, 5, device=device, requires_grad=True)
+    offset = torch.randn(2, 18, 3, 3, generator=gen).to(device).requires_grad_()
+    mask = torch.rand(2, 9, 3, 3, generator=gen).to(device).requires_grad_()
+    weight = torch.randn(4, 0, 3, 3, device=device, requires_grad=True)
+    bias = torch.randn(4, generator=gen).to(device).requires_grad_()
+    y = modulated_deform_conv2d(x, offset, mask, weight, bias)
+    assert torch.equal(y, bias.detach().view(1, 4, 1, 1).expand(2, 4, 3, 3))
+    g_x, g_off, g_mask, g_w, g_b = torch.autograd.grad(y.sum(), (x, offset, mask, weight, bias))
+    assert g_x.shape == x.shape and g_w.shape == weight.shape
+    assert not g_off.any() and not g_mask.any()
+    assert torch.equal(g_b, torch.full((4,), 18.0, device=device))
+
+
+def test_double_backward_is_refused_plainly(gen):
+    """No second derivative is implemented: asking for one says so instead of failing obscurely."""
+    case = ConvCase(n=1, cin=2, cout=2, size=5)
+    x, offset, mask, weight, bias = (t.requires_grad_() for t in case.tensors(gen, torch.float64))
+    y = modulated_deform_conv2d(x, offset, mask, weight, bias, *case.params)
+    (g_x,) = torch.autograd.grad(y.sum(), (x,), create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        g_x.sum().backward()

@@ -296,6 +296,8 @@ class CpuColumns final : public ColumnKernels {
       for_each_channel_run(row, q0, q1, [&](int64_t c, const scalar_t* x, int64_t qa, int64_t qb) {
         const scalar_t* gcol = grad_columns + (c * taps + row % taps) * cols;
         for (int64_t q = qa; q < qb; ++q) {
+          // Offset 0 marks a sample outside the map: it receives no gradient (not even NaN * 0).
+          if (plan.base[q] == 0) continue;
           const acc_t w[4] = {plan.w[0][q], plan.w[1][q], plan.w[2][q], plan.w[3][q]};
           const scalar_t* corner = x + plan.base[q];
           const acc_t v[4] = {static_cast<acc_t>(corner[0]), static_cast<acc_t>(corner[1]),

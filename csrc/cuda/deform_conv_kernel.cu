@@ -160,7 +160,11 @@ class CudaColumns final : public ColumnKernels {
     tile_ = tile;
     const int64_t cpg = g_.in_per_deform_group();
     const int64_t base = g_.deform_groups * g_.taps() * tile.cols();
-    const int64_t wanted = std::min(cpg, std::max<int64_t>(1, (target_items_ + base - 1) / base));
+    // Under torch.use_deterministic_algorithms, one block per group: the offset and mask gradients
+    // are then written by exactly one thread each, without atomics.
+    const int64_t wanted = at::globalContext().deterministicAlgorithms()
+                               ? 1
+                               : std::min(cpg, std::max<int64_t>(1, (target_items_ + base - 1) / base));
     channels_per_block_ = (cpg + wanted - 1) / wanted;
     blocks_per_group_ = (cpg + channels_per_block_ - 1) / channels_per_block_;
     items_ = base * blocks_per_group_;
@@ -179,9 +183,6 @@ class CudaColumns final : public ColumnKernels {
   }
 
   void backprop_columns(const at::Tensor& grad_columns, ConvGrads& grads) override {
-    if (grads.input.defined()) {
-      at::globalContext().alertNotDeterministic("mmdet_dcnv2::modulated_deform_conv2d_backward (CUDA, grad of input)");
-    }
     auto launch = [&](auto index_zero) {
       using index_t = decltype(index_zero);
       backprop_columns_kernel<scalar_t, acc_t, index_t>
@@ -233,6 +234,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const c10::cuda::CUDAGuard guard(input_.device());
   const at::Tensor input = input_.contiguous(), offset = offset_.contiguous(), weight = weight_.contiguous();
   const at::Tensor mask = mask_.has_value() ? mask_->contiguous() : at::Tensor();
+  if (output_mask[0]) {  // the input gradient is a scatter with atomics
+    at::globalContext().alertNotDeterministic("mmdet_dcnv2::modulated_deform_conv2d_backward (CUDA, grad of input)");
+  }
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "modulated_deform_conv2d_backward_cuda", [&] {

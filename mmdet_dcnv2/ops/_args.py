@@ -22,3 +22,13 @@ def pair(value: Union[int, Sequence[int]], name: str) -> List[int]:
             isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool) for v in value):
         return list(value)
     raise ValueError(f"{name} must be an int or a pair of ints (height, width), got {value!r}")
+
+
+def forbid_double_backward(backward_op_name: str) -> None:
+    """Registers autograd for a backward op that says plainly that it has no derivative (without it,
+    create_graph=True would run the kernel under autograd and fail obscurely or return zeros)."""
+
+    def refuse(ctx, *grads):
+        raise NotImplementedError(f"double backward through {backward_op_name} is not supported")
+
+    torch.library.register_autograd(backward_op_name, refuse)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from . import _extension  # noqa: F401  (registers the C++ ops)
-from ._args import check_tensor, pair
+from ._args import check_tensor, forbid_double_backward, pair
 
 _forward_op = torch.ops.mmdet_dcnv2.deform_roi_pool.default
 _backward_op = torch.ops.mmdet_dcnv2.deform_roi_pool_backward.default
@@ -101,3 +101,4 @@ def _backward(ctx, grad_output):
 
 
 torch.library.register_autograd("mmdet_dcnv2::deform_roi_pool", _backward, setup_context=_setup_context)
+forbid_double_backward("mmdet_dcnv2::deform_roi_pool_backward")
