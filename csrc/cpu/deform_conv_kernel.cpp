@@ -33,6 +33,8 @@ constexpr int64_t kPixelBlock = 256;
 // Columns per tile: the GEMM then reads the columns from cache, and the buffer is small enough that
 // reusing it costs no page faults (measured: a fresh 70 MB buffer per call costs ~10% of a c3 forward).
 constexpr int64_t kTileBytes = int64_t(4) << 20;
+// ... but never fewer columns than keep the GEMM efficient (wide layers such as c5 need the larger tile).
+constexpr int64_t kMinTileColumns = 512;
 // Samples a thread should have at least before another one is woken: waking threads for a tiny
 // layer costs more than the work (seen: a 10x slower gradcheck on a busy machine).
 constexpr int64_t kMinSamplesPerThread = int64_t(1) << 14;
@@ -159,7 +161,9 @@ class CpuColumns final : public ColumnKernels {
     padded_ = PaddedPlanes::pad(input);
   }
 
-  int64_t preferred_tile_bytes() const override { return kTileBytes; }
+  int64_t preferred_tile_bytes() const override {
+    return std::max(kTileBytes, kMinTileColumns * g_.in_channels * g_.taps() * int64_t(sizeof(scalar_t)));
+  }
 
   void begin_tile(const ColumnTile& tile) override {
     tile_ = tile;
