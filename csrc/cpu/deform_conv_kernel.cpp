@@ -16,12 +16,7 @@
 #include <torch/library.h>
 
 #include <array>
-#include <type_traits>
 #include <vector>
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#endif
 
 #include "../deform_conv.h"
 
@@ -44,8 +39,8 @@ inline int64_t grain_for(int64_t samples_per_task) {
   return std::max<int64_t>(1, kMinSamplesPerThread / std::max<int64_t>(1, samples_per_task));
 }
 
-// The sampling plan of a tile, one entry per (plan row, column), as separate arrays so that vector
-// code loads eight entries of a field at once.
+// The sampling plan of a tile, one entry per (plan row, column), as separate arrays (contiguous
+// loads per field in the inner loops).
 template <typename acc_t>
 struct Plan {
   std::vector<int32_t> base;           // offset of the (low y, low x) corner in a padded plane
@@ -82,8 +77,8 @@ struct PaddedPlanes {
 // col[c * col_stride + q] = m[q] * sum_j w_j[q] * x_c[base[q] + corner_j], x_c = x + c * plane.
 // `m` is null where the mask is folded into the weights.
 template <typename scalar_t, typename acc_t>
-void fill_run_scalar(const scalar_t* x, int64_t plane, int64_t channels, typename Plan<acc_t>::View p,
-                     const acc_t* m, int64_t qa, int64_t qb, int64_t row_len, scalar_t* col, int64_t col_stride) {
+void fill_run(const scalar_t* x, int64_t plane, int64_t channels, typename Plan<acc_t>::View p, const acc_t* m,
+              int64_t qa, int64_t qb, int64_t row_len, scalar_t* col, int64_t col_stride) {
   for (int64_t c = 0; c < channels; ++c, x += plane, col += col_stride) {
     for (int64_t q = qa; q < qb; ++q) {
       const scalar_t* corner = x + p.base[q];
@@ -93,53 +88,6 @@ void fill_run_scalar(const scalar_t* x, int64_t plane, int64_t channels, typenam
       col[q] = static_cast<scalar_t>(v);
     }
   }
-}
-
-#if defined(__x86_64__) && defined(__GNUC__)
-// float32 with AVX2: eight columns at a time, four gathers per channel; the plan entries are loaded
-// once and reused for every channel. Chosen at run time, so the build stays portable.
-__attribute__((target("avx2,fma"))) void fill_run_avx2(const float* x, int64_t plane, int64_t channels,
-                                                       Plan<float>::View p, const float* m, int64_t qa, int64_t qb,
-                                                       int64_t row_len, float* col, int64_t col_stride) {
-  const __m256i one = _mm256_set1_epi32(1), down = _mm256_set1_epi32(static_cast<int32_t>(row_len));
-  int64_t q = qa;
-  for (; q + 8 <= qb; q += 8) {
-    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.base + q));
-    const __m256i b1 = _mm256_add_epi32(b0, one), b2 = _mm256_add_epi32(b0, down), b3 = _mm256_add_epi32(b2, one);
-    __m256 a0 = _mm256_loadu_ps(p.w[0] + q), a1 = _mm256_loadu_ps(p.w[1] + q);
-    __m256 a2 = _mm256_loadu_ps(p.w[2] + q), a3 = _mm256_loadu_ps(p.w[3] + q);
-    if (m) {
-      const __m256 mv = _mm256_loadu_ps(m + q);
-      a0 = _mm256_mul_ps(a0, mv);
-      a1 = _mm256_mul_ps(a1, mv);
-      a2 = _mm256_mul_ps(a2, mv);
-      a3 = _mm256_mul_ps(a3, mv);
-    }
-    const float* xc = x;
-    float* out = col + q;
-    for (int64_t c = 0; c < channels; ++c, xc += plane, out += col_stride) {
-      __m256 v = _mm256_mul_ps(a0, _mm256_i32gather_ps(xc, b0, 4));
-      v = _mm256_fmadd_ps(a1, _mm256_i32gather_ps(xc, b1, 4), v);
-      v = _mm256_fmadd_ps(a2, _mm256_i32gather_ps(xc, b2, 4), v);
-      v = _mm256_fmadd_ps(a3, _mm256_i32gather_ps(xc, b3, 4), v);
-      _mm256_storeu_ps(out, v);
-    }
-  }
-  if (q < qb) fill_run_scalar<float, float>(x, plane, channels, p, m, q, qb, row_len, col, col_stride);
-}
-
-const bool kHaveAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#endif
-
-template <typename scalar_t, typename acc_t>
-void fill_run(const scalar_t* x, int64_t plane, int64_t channels, typename Plan<acc_t>::View p, const acc_t* m,
-              int64_t qa, int64_t qb, int64_t row_len, scalar_t* col, int64_t col_stride) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (kHaveAvx2) return fill_run_avx2(x, plane, channels, p, m, qa, qb, row_len, col, col_stride);
-  }
-#endif
-  fill_run_scalar<scalar_t, acc_t>(x, plane, channels, p, m, qa, qb, row_len, col, col_stride);
 }
 
 template <typename scalar_t>
