@@ -23,9 +23,12 @@ VARIANTS = {
 }
 
 
-def measure(config, height, width, iters):
+def measure(config, height, width, iters, threads):
     """Runs inside the variant's process: fastest inference and training step, peak RSS."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
     from mmdet.registry import MODELS
     from mmdet.structures import DetDataSample
     from mmdet.utils import register_all_modules
@@ -80,10 +83,11 @@ def main():
     parser.add_argument("--size", type=int, nargs=2, default=(800, 1216), metavar=("H", "W"))
     parser.add_argument("--iters", type=int, default=2, help="timed iterations per round (after one warm-up)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     parser.add_argument("--_child", nargs=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
-        print(json.dumps(measure(args._child[0], *args.size, args.iters)))
+        print(json.dumps(measure(args._child[0], *args.size, args.iters, args.threads)))
         return
 
     results = {}
@@ -91,13 +95,14 @@ def main():
         for name, (config, override) in VARIANTS.items():
             env = dict(os.environ, MMDET_DCNV2_OVERRIDE=override)
             out = subprocess.run([sys.executable, __file__, "--_child", config, "--size", *map(str, args.size),
-                                  "--iters", str(args.iters)], env=env, capture_output=True, text=True, check=True)
+                                  "--iters", str(args.iters), "--threads", str(args.threads)], env=env, capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             best = results.setdefault(name, r)
             for key in ("infer_s", "train_s", "peak_mb"):
                 best[key] = min(best[key], r[key]) if key != "peak_mb" else max(best[key], r[key])
     base = results["plain"]
-    print(f"Faster R-CNN R50-FPN, one {args.size[0]}x{args.size[1]} image, CPU, {os.cpu_count()} cores")
+    threads = args.threads or "torch's default"
+    print(f"Faster R-CNN R50-FPN, one {args.size[0]}x{args.size[1]} image, CPU, threads: {threads}")
     print("| variant | deformable layers from | inference s | vs plain | train step s | vs plain | peak RSS MB |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
