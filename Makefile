@@ -33,7 +33,7 @@ install: $(VENV)/.install-done
 
 $(VENV)/.install-done: $(VENV)/.env-done $(SOURCES)
 	$(PIP) install --no-build-isolation --no-deps .
-	$(PY) -c "import mmdet_dcnv2.ops as ops; print('mmdet_dcnv2 built with', ops.build_info())"
+	$(PY) -P -c "import mmdet_dcnv2.ops as ops; print('mmdet_dcnv2 built with', ops.build_info())"
 	touch $@
 
 # The pytest script (not `python -m pytest`) keeps the source tree off sys.path: tests import the
