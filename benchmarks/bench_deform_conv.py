@@ -11,10 +11,10 @@ c5 (512, 25x38).
 """
 
 import argparse
-import time
-
 import torch
 import torch.nn.functional as F
+
+from timing import timed  # benchmarks/timing.py (the script's folder is on sys.path)
 
 from mmdet_dcnv2.ops import modulated_deform_conv2d
 
@@ -38,19 +38,6 @@ def contenders(device):
         except ImportError:
             pass
     return found
-
-
-def timed(fn, sync, repeat):
-    """Fastest of `repeat` runs after one warm-up (the least disturbed by other load)."""
-    fn()
-    sync()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def make_inputs(channels, height, width, batch, deform_groups, dtype, device, grad):

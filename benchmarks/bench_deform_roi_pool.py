@@ -9,25 +9,13 @@ interleaved, and reported relative to mmcv's RoIAlign (torchvision's where mmcv 
 """
 
 import argparse
-import time
-
 import torch
+
+from timing import timed  # benchmarks/timing.py (the script's folder is on sys.path)
 
 from mmdet_dcnv2.ops import deform_roi_pool
 
 ROWS = {"box head 7x7": (512, 7), "mask head 14x14": (128, 14)}
-
-
-def timed(fn, sync, repeat):
-    fn()
-    sync()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def random_rois(count, images, height, width, stride, generator):
