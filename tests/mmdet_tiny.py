@@ -12,6 +12,7 @@ import os
 from typing import Dict, List
 
 import numpy as np
+import torch
 from mmengine.config import Config
 
 CUSTOM_IMPORTS = "custom_imports = dict(imports=['mmdet_dcnv2'], allow_failed_imports=False)\n"
@@ -121,3 +122,20 @@ def as_cfg_options(options: Dict[str, object]) -> List[str]:
         return str(value)
 
     return ["--cfg-options"] + [f"{key}={text(value)}" for key, value in options.items() if key != "work_dir"]
+
+
+def rpn_proposals_in_float32(rpn_head):
+    """mmcv's CPU nms has no bfloat16 kernel (not our op): make proposals from float32 scores, as
+    mmdet does when autocast leaves its heads in float."""
+    predict = rpn_head.predict_by_feat
+
+    def predict_in_float(*args, **kwargs):
+        def to_float(value):
+            if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
+                return [v.float() for v in value]
+            return value
+
+        with torch.autocast("cpu", enabled=False):
+            return predict(*[to_float(a) for a in args], **{k: to_float(v) for k, v in kwargs.items()})
+
+    rpn_head.predict_by_feat = predict_in_float

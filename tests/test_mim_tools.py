@@ -48,7 +48,8 @@ def test_configs_ship_in_the_installed_package():
         "faster_rcnn_r50_fpn_mdconv_c3-c5_1x_coco", "faster_rcnn_r50_fpn_mdconv_c3-c5_group4_1x_coco",
         "faster_rcnn_r50_fpn_mdpool_1x_coco", "mask_rcnn_r50_fpn_mdconv_c3-c5_1x_coco",
         "mask_rcnn_r50_fpn_fp16_mdconv_c3-c5_1x_coco", "faster_rcnn_r50_fpn_mdconv_c3-c5_mdpool_1x_coco",
-        "mask_rcnn_r50_fpn_mdconv_c3-c5_mdpool_1x_coco"])
+        "mask_rcnn_r50_fpn_mdconv_c3-c5_mdpool_1x_coco", "faster_rcnn_r50_fpn_mdconv_c3-c5_mdpool_mimic_1x_coco",
+        "mask_rcnn_r50_fpn_mdconv_c3-c5_mdpool_mimic_1x_coco", "faster_rcnn_r50_fpn_mimic_1x_coco"])
     assert os.path.exists(os.path.join(os.path.dirname(mmdet_dcnv2.__file__), ".mim", "tools", "train.py"))
 
 

@@ -1,0 +1,3 @@
+from .mimic_two_stage import MimicDetectorMixin, MimicFasterRCNN, MimicMaskRCNN
+
+__all__ = ["MimicDetectorMixin", "MimicFasterRCNN", "MimicMaskRCNN"]
