@@ -1,0 +1,40 @@
+"""Two (or more) models' spatial support of the same node side by side, as in the paper's Figure 1:
+
+    python -P -m mmdet_dcnv2.tools.spatial_support_compare A/conv_x64_y64.npz B/conv_x64_y64.npz \\
+        --labels "regular ConvNet" DCNv2 --out compare.png
+
+Rows are the models, columns every panel of the three views (receptive field, one panel per sampling
+layer, saliency region), drawn from the npz files ``mmdet_dcnv2.tools.spatial_support`` writes.
+"""
+
+import argparse
+import os.path as osp
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description="Compare the spatial support of one node across models.")
+    parser.add_argument("records", nargs="+", help="<node>.npz files written by mmdet_dcnv2.tools.spatial_support")
+    parser.add_argument("--labels", nargs="+", default=None, help="one row label per file (default: file paths)")
+    parser.add_argument("--out", required=True, help="PNG to write")
+    parser.add_argument("--dpi", type=int, default=90)
+    args = parser.parse_args(argv)
+    labels = args.labels or args.records
+    if len(labels) != len(args.records):
+        parser.error(f"--labels: expected {len(args.records)} labels (one per file), got {len(labels)}")
+    import numpy as np
+
+    from mmdet_dcnv2.analysis.drawing import save_comparison
+
+    records = []
+    for path in args.records:
+        if not osp.isfile(path):
+            parser.error(f"record {path!r} does not exist")
+        with np.load(path) as data:
+            records.append(dict(data))
+    save_comparison(records, labels, args.out, dpi=args.dpi)
+    print(f"written {args.out}")
+    return args.out
+
+
+if __name__ == "__main__":
+    main()
