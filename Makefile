@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 
 SOURCES := setup.py pyproject.toml $(wildcard model-index.yml) $(shell find csrc mmdet_dcnv2 configs tools -type f \( -name '*.py' -o -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.json' -o -name '*.yml' \) 2>/dev/null)
 
-.PHONY: env install test test-fast demo demo-compare clean
+.PHONY: env install test test-fast demo demo-compare spatial-support clean
 
 env: $(VENV)/.env-done
 
@@ -52,6 +52,20 @@ demo: install
 # The same, plus the regular-ConvNet baseline; prints both APs side by side.
 demo-compare: install
 	$(PY) -P -m mmdet_dcnv2.tools.demo --work-dir work_dirs/shapes_compare --baseline $(DEMO_ARGS)
+
+# The README's spatial-support pictures: the same nodes on `make demo-compare`'s regular and DCNv2 models
+# (seed 0), side by side (python -m mmdet_dcnv2.tools.spatial_support; ~10 s per model).
+SS_MODELS := baseline:faster_rcnn_r50_fpn_shapes dcnv2:faster_rcnn_r50_fpn_mdconv_c3-c5_shapes
+SS_IMAGE  ?= data/shapes/val/000013.png
+SS_NODES  ?= conv:70,45 conv:16,112 cls:45,27,95,63\#4
+SS_DIR    ?= work_dirs/spatial_support
+spatial-support: install
+	for m in $(SS_MODELS); do run=work_dirs/shapes_compare/$${m%%:*}/seed0; \
+	  $(PY) -P -m mmdet_dcnv2.tools.spatial_support $$run/$${m#*:}.py $$run/epoch_12.pth $(SS_IMAGE) \
+	    --nodes $(SS_NODES) --out-dir $(SS_DIR)/$${m%%:*} || exit 1; done
+	for f in $(SS_DIR)/baseline/*.npz; do name=$$(basename $$f .npz); \
+	  $(PY) -P -m mmdet_dcnv2.tools.spatial_support_compare $$f $(SS_DIR)/dcnv2/$$name.npz --dpi 72 --colors 128 \
+	    --labels "regular ConvNet" "DCNv2 (mdconv c3-c5)" --out $(SS_DIR)/compare_$$name.png || exit 1; done
 
 clean:
 	rm -rf build *.egg-info $(VENV)

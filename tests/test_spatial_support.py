@@ -90,12 +90,13 @@ def _write_image(path):
 def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("spatial_support")
     torch.set_num_threads(1)
-    return {"image": _write_image(str(folder / "image.png")),
-            "mdconv_mdpool": _write_tiny_detector(str(folder / "a"), "faster_rcnn_r50_fpn_mdconv_c3-c5_mdpool_1x_coco.py")
-            if os.makedirs(folder / "a") is None else None,
-            "mdpool": _write_tiny_detector(str(folder / "b"), "faster_rcnn_r50_fpn_mdpool_1x_coco.py")
-            if os.makedirs(folder / "b") is None else None,
-            "folder": folder}
+    detectors = {"mdconv_mdpool": "faster_rcnn_r50_fpn_mdconv_c3-c5_mdpool_1x_coco.py",  # MDConv in c5, MDPool
+                 "mdpool": "faster_rcnn_r50_fpn_mdpool_1x_coco.py"}  # regular convs in c5, MDPool
+    files = {"image": _write_image(str(folder / "image.png"))}
+    for key, config in detectors.items():
+        os.makedirs(folder / key)
+        files[key] = _write_tiny_detector(str(folder / key), config)
+    return files
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +252,8 @@ def test_saliency_region_meets_its_error_bound(deformable, spec, max_error):
 
     region = saliency_region(model, image, node, field.heat, max_error, cell=6, batch_size=8, progress=Progress())
     order = rank_cells(field.heat, 6)
-    assert region.num_cells == 15 * 15 and torch.equal(region.keep, prefix_mask(order, region.cells_kept, 6, image.size))
+    assert region.num_cells == 15 * 15
+    assert torch.equal(region.keep, prefix_mask(order, region.cells_kept, 6, image.size))
 
     def error_of(keep):
         with torch.no_grad():
@@ -314,7 +316,7 @@ def test_command_writes_every_view_of_the_default_nodes_and_compares(files, tmp_
             assert record["sampling_0_points"].shape[1] == 2
 
     compare = _run(["mmdet_dcnv2.tools.spatial_support_compare", str(out / f"{names[0]}.npz"),
-                    str(out / f"{names[0]}.npz"), "--labels", "a", "b", "--out", "cmp.png"], tmp_path)
+                    str(out / f"{names[0]}.npz"), "--labels", "a", "b", "--colors", "64", "--out", "cmp.png"], tmp_path)
     assert compare.returncode == 0, compare.stderr[-4000:]
     assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -33,18 +33,24 @@ def draw_sampling_layer(ax, record: Dict, index: int) -> None:
     weight = strength / max(float(strength.max()), 1e-30)
     shown = np.argsort(weight)  # strongest on top
     shown = shown[weight[shown] >= MIN_SHOWN_STRENGTH]
+    height, width = record["image"].shape[:2]
     ax.imshow(_grey(record["image"]), cmap="gray", vmin=0, vmax=255)
     ax.scatter(points[shown, 0], points[shown, 1], c=weight[shown], s=4 + 36 * weight[shown], cmap="viridis",
                vmin=0, vmax=1, edgecolors="none", alpha=0.9)
     _mark_node(ax, record)
-    height, width = record["image"].shape[:2]
-    outside = (points[:, 0] < -0.5) | (points[:, 0] > width - 0.5) | (points[:, 1] < -0.5) | (points[:, 1] > height - 0.5)
+    outside = ((points < -0.5) | (points > np.array([width, height]) - 0.5)).any(1)
     share = float(strength[outside].sum() / max(float(strength.sum()), 1e-30))
     name = str(record["sampling_names"][index]).replace("backbone.", "").replace("roi_head.bbox_roi_extractor.", "")
     title = f"{name} ({record['sampling_types'][index]})"
-    if share > 0.005:
+    if share > 0.005:  # points past the border read zero padding; widen the view to show where they go
         title += f"\n{100 * share:.0f}% of strength outside the image"
-    _frame(ax, record, title)
+        ax.add_patch(_rectangle((-0.5, -0.5, width - 0.5, height - 0.5), "white"))
+        ax.set_facecolor("0.85")
+        low = np.minimum(points[shown].min(0) - 4, -0.5).clip(min=(-width, -height))
+        high = np.maximum(points[shown].max(0) + 4, (width - 0.5, height - 0.5)).clip(max=(2 * width, 2 * height))
+        _frame(ax, record, title, (low[0], high[0], low[1], high[1]))
+    else:
+        _frame(ax, record, title)
 
 
 def draw_saliency(ax, record: Dict) -> None:
@@ -113,17 +119,22 @@ def _mark_node(ax, record: Dict) -> None:
         x, y = record["node_xy"]
         ax.plot([x], [y], marker="+", color="red", markersize=10, markeredgewidth=2)
     else:  # box corners are continuous coordinates; pixel centres sit at integers
-        import matplotlib.patches as patches
-
-        x1, y1, x2, y2 = record["node_box"]
-        ax.add_patch(patches.Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, edgecolor="red",
-                                       linewidth=1.5))
+        ax.add_patch(_rectangle(np.asarray(record["node_box"]) - 0.5, "red", 1.5))
 
 
-def _frame(ax, record: Dict, title: str) -> None:
+def _rectangle(corners, colour: str, linewidth: float = 1.0):
+    import matplotlib.patches as patches
+
+    x1, y1, x2, y2 = corners
+    return patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=linewidth)
+
+
+def _frame(ax, record: Dict, title: str, extent=None) -> None:
+    """Limits (the image, or ``extent`` = (x0, x1, y0, y1)), no ticks, a small title."""
     height, width = record["image"].shape[:2]
-    ax.set_xlim(-0.5, width - 0.5)
-    ax.set_ylim(height - 0.5, -0.5)
+    x0, x1, y0, y1 = extent or (-0.5, width - 0.5, -0.5, height - 0.5)
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y1, y0)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title, fontsize=7)

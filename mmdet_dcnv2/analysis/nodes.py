@@ -37,10 +37,9 @@ NODE_KINDS = ("conv", "cls", "reg")
 
 @dataclass(frozen=True)
 class ConvNode:
-    """A unit of the last c5 layer at feature position (row, col); image position (x, y)."""
+    """A unit of the last c5 layer at feature position (row, col): the one nearest the requested
+    image position; it is centred on image pixel (stride * col, stride * row)."""
 
-    x: float
-    y: float
     row: int
     col: int
     stride: int
@@ -48,14 +47,22 @@ class ConvNode:
     kind: str = "conv"
 
     @property
+    def x(self) -> int:
+        return self.stride * self.col
+
+    @property
+    def y(self) -> int:
+        return self.stride * self.row
+
+    @property
     def name(self) -> str:
         channel = "" if self.channel is None else f"_ch{self.channel}"
-        return f"conv_x{round(self.x)}_y{round(self.y)}{channel}"
+        return f"conv_x{self.x}_y{self.y}{channel}"
 
     @property
     def label(self) -> str:
         what = "sum over channels" if self.channel is None else f"channel {self.channel}"
-        return f"c5 unit at ({self.x:.0f}, {self.y:.0f}), {what}"
+        return f"c5 unit (row {self.row}, col {self.col}) centred at ({self.x}, {self.y}), {what}"
 
     def response(self, model: nn.Module, batch: Tensor) -> Tensor:
         """(B, 1): the node's response for each image of a normalised batch."""
@@ -223,7 +230,7 @@ def conv_node(model: nn.Module, image: LoadedImage, xy: Tuple[float, float], cha
     row, col = min(round(y / stride), c5.shape[-2] - 1), min(round(x / stride), c5.shape[-1] - 1)
     if channel is not None and channel >= c5.shape[1]:
         raise ValueError(f"--nodes {spec!r}: channel {channel} out of range; the c5 layer has {c5.shape[1]}")
-    return ConvNode(x, y, row, col, stride, channel)
+    return ConvNode(row, col, stride, channel)
 
 
 def roi_node(model: nn.Module, image: LoadedImage, kind: str, box, class_index: Optional[int], source: str,

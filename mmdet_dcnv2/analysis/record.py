@@ -26,8 +26,9 @@ def analyse_node(model: nn.Module, image: LoadedImage, node: Node, max_error: fl
         "node_label": np.array(node.label),
     }
     if node.kind == "conv":
+        channel = -1 if node.channel is None else node.channel  # -1: the sum over channels
         record.update(node_xy=np.array([node.x, node.y]), node_feature_rowcol=np.array([node.row, node.col]),
-                      node_stride=np.array(node.stride), node_channel=np.array(-1 if node.channel is None else node.channel))
+                      node_stride=np.array(node.stride), node_channel=np.array(channel))
     else:
         record.update(node_box=np.array(node.box), node_class=np.array(node.class_index))
 

@@ -184,7 +184,9 @@ def roi_offsets_and_masks(module: nn.Module, features: Tensor, rois: Tensor, sca
     plain = deform_roi_pool(features, rois, None, (out_h, out_w), scale, int(module.sampling_ratio),
                             float(module.gamma)).flatten(1)
     offset = module.offset_fc(plain).view(count, 2, out_h, out_w)
-    mask = module.mask_fc(plain).view(count, out_h, out_w) if hasattr(module, "mask_fc") else torch.ones_like(offset[:, 0])
+    if not hasattr(module, "mask_fc"):  # DCNv1's DPool
+        return offset, torch.ones_like(offset[:, 0])
+    mask = module.mask_fc(plain).view(count, out_h, out_w)
     return offset, mask
 
 

@@ -17,6 +17,8 @@ def main(argv=None) -> str:
     parser.add_argument("--labels", nargs="+", default=None, help="one row label per file (default: file paths)")
     parser.add_argument("--out", required=True, help="PNG to write")
     parser.add_argument("--dpi", type=int, default=90)
+    parser.add_argument("--colors", type=int, default=0,
+                        help="save as a palette PNG of this many colours (about 3x smaller; for docs); 0: full colour")
     args = parser.parse_args(argv)
     labels = args.labels or args.records
     if len(labels) != len(args.records):
@@ -32,6 +34,11 @@ def main(argv=None) -> str:
         with np.load(path) as data:
             records.append(dict(data))
     save_comparison(records, labels, args.out, dpi=args.dpi)
+    if args.colors:
+        from PIL import Image  # matplotlib's own dependency
+
+        Image.open(args.out).convert("RGB").quantize(args.colors, method=Image.Quantize.MEDIANCUT).save(
+            args.out, optimize=True)
     print(f"written {args.out}")
     return args.out
 
