@@ -142,8 +142,38 @@ at::Tensor matrix_in(const at::Tensor& buffer, int64_t rows, int64_t cols) {
 
 at::Tensor group_rows(const at::Tensor& t, int64_t grp, int64_t rows) { return t.narrow(0, grp * rows, rows); }
 
-at::Tensor weight_matrix(const at::Tensor& weight, const ConvGeometry& g, int64_t grp) {
-  return group_rows(weight, grp, g.out_per_group()).view({g.out_per_group(), -1});
+// The column buffer of a tile in the backend's layout, seen per conv group as the (C_in/groups *
+// taps, cols) matrix the GEMMs take: rows of the channel-major matrix, or a transposed block of
+// columns of the pixel-major one (BLAS reads and writes that as a column-major operand, no copy).
+struct ColumnMatrix {
+  at::Tensor flat;  // contiguous, in the layout
+  ColumnLayout layout;
+  int64_t groups;
+
+  static ColumnMatrix in(const at::Tensor& buffer, int64_t rows, int64_t cols, ColumnLayout layout, int64_t groups) {
+    return {layout == ColumnLayout::kChannelMajor ? matrix_in(buffer, rows, cols) : matrix_in(buffer, cols, rows),
+            layout, groups};
+  }
+  at::Tensor group(int64_t grp) const {
+    if (layout == ColumnLayout::kChannelMajor) return group_rows(flat, grp, flat.size(0) / groups);
+    const int64_t per_group = flat.size(1) / groups;
+    return flat.narrow(1, grp * per_group, per_group).t();
+  }
+};
+
+// The weight as (C_out, C_in/groups * taps) rows in the order of the columns' rows: (c, k) as stored
+// for the channel-major layout, (k, c) for the pixel-major one.
+at::Tensor weight_in_column_order(const at::Tensor& weight, ColumnLayout layout) {
+  const int64_t out_channels = weight.size(0), in_per_group = weight.size(1);
+  if (layout == ColumnLayout::kChannelMajor) return weight.view({out_channels, -1});
+  return weight.view({out_channels, in_per_group, -1}).transpose(1, 2).reshape({out_channels, -1});
+}
+
+// Back from the column order to the weight's (C_out, C_in/groups, kh, kw).
+at::Tensor weight_from_column_order(const at::Tensor& rows, const at::Tensor& weight, ColumnLayout layout) {
+  if (layout == ColumnLayout::kChannelMajor) return rows.view(weight.sizes());
+  const int64_t out_channels = weight.size(0), in_per_group = weight.size(1);
+  return rows.view({out_channels, -1, in_per_group}).transpose(1, 2).contiguous().view(weight.sizes());
 }
 
 }  // namespace
@@ -156,26 +186,26 @@ at::Tensor deform_conv_forward(const ConvGeometry& g, const at::Tensor& input, c
     return bias.has_value() ? output.copy_(bias->view({1, -1, 1, 1}).expand_as(output)) : output.zero_();
   }
   const auto tiles = column_tiles(g, input.element_size(), kernels.preferred_tile_bytes());
-  const int64_t max_cols = tiles.front().cols(), rows_per_group = g.in_per_group() * g.taps();
-  const int64_t rows = g.in_channels * g.taps();
+  const int64_t max_cols = tiles.front().cols(), rows = g.in_channels * g.taps();
+  const ColumnLayout layout = kernels.layout();
+  const at::Tensor weight_rows = weight_in_column_order(weight, layout);
   at::Tensor columns = at::empty({rows * max_cols}, input.options());
   at::Tensor out_buf = tiles.front().count > 1 ? at::empty({g.out_channels * max_cols}, input.options()) : at::Tensor();
 
   for (const ColumnTile& tile : tiles) {
-    at::Tensor cols = matrix_in(columns, rows, tile.cols());
+    const ColumnMatrix cols = ColumnMatrix::in(columns, rows, tile.cols(), layout, g.groups);
     kernels.begin_tile(tile);
-    kernels.fill_columns(cols);
+    kernels.fill_columns(cols.flat);
     // Within one image the GEMM writes straight into the output; across images it goes through a
     // buffer and a transpose.
     at::Tensor out = tile.count == 1 ? tile_matrix(output, tile) : matrix_in(out_buf, g.out_channels, tile.cols());
     for (int64_t grp = 0; grp < g.groups; ++grp) {
       at::Tensor out_g = group_rows(out, grp, g.out_per_group());
-      at::Tensor cols_g = group_rows(cols, grp, rows_per_group);
+      at::Tensor weight_g = group_rows(weight_rows, grp, g.out_per_group());
       if (bias.has_value()) {
-        at::addmm_out(out_g, group_rows(*bias, grp, g.out_per_group()).unsqueeze(1), weight_matrix(weight, g, grp),
-                      cols_g);
+        at::addmm_out(out_g, group_rows(*bias, grp, g.out_per_group()).unsqueeze(1), weight_g, cols.group(grp));
       } else {
-        at::mm_out(out_g, weight_matrix(weight, g, grp), cols_g);
+        at::mm_out(out_g, weight_g, cols.group(grp));
       }
     }
     if (tile.count > 1) {
@@ -200,36 +230,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   if (need_input) grads.input = at::zeros(input.sizes(), acc_opts);
   if (need_offset) grads.offset = at::zeros(offset.sizes(), acc_opts);
   if (need_offset && mask.has_value()) grads.mask = at::zeros(mask->sizes(), acc_opts);
-  at::Tensor grad_weight = need_weight ? at::zeros(weight.sizes(), acc_opts) : at::Tensor();
+  // Accumulated in the columns' row order, turned back into the weight's layout at the end.
+  at::Tensor grad_weight_rows;
 
   if (g.batch > 0 && g.out_channels > 0 && g.in_channels > 0 && (need_input || need_offset || need_weight)) {
     const auto tiles = column_tiles(g, input.element_size(), kernels.preferred_tile_bytes());
-    const int64_t max_cols = tiles.front().cols();
-    const int64_t rows = g.in_channels * g.taps(), rows_per_group = rows / g.groups;
+    const int64_t max_cols = tiles.front().cols(), rows = g.in_channels * g.taps();
+    const ColumnLayout layout = kernels.layout();
+    const at::Tensor weight_rows = weight_in_column_order(weight, layout);
+    if (need_weight) grad_weight_rows = at::zeros(weight_rows.sizes(), acc_opts);
     at::Tensor columns = need_weight ? at::empty({rows * max_cols}, opts) : at::Tensor();
     at::Tensor grad_columns = need_input || need_offset ? at::empty({rows * max_cols}, opts) : at::Tensor();
     for (const ColumnTile& tile : tiles) {
       const at::Tensor gout = tile_matrix(grad_output, tile);  // (C_out, tile.cols())
       kernels.begin_tile(tile);
       if (need_weight) {
-        at::Tensor cols = matrix_in(columns, rows, tile.cols());
-        kernels.fill_columns(cols);
+        const ColumnMatrix cols = ColumnMatrix::in(columns, rows, tile.cols(), layout, g.groups);
+        kernels.fill_columns(cols.flat);
         for (int64_t grp = 0; grp < g.groups; ++grp) {
-          at::Tensor gw = at::mm(group_rows(gout, grp, g.out_per_group()), group_rows(cols, grp, rows_per_group).t());
-          group_rows(grad_weight, grp, g.out_per_group()).add_(gw.view_as(group_rows(weight, grp, g.out_per_group())));
+          group_rows(grad_weight_rows, grp, g.out_per_group())
+              .add_(at::mm(group_rows(gout, grp, g.out_per_group()), cols.group(grp).t()));
         }
       }
       if (need_input || need_offset) {
-        at::Tensor gcols = matrix_in(grad_columns, rows, tile.cols());
+        const ColumnMatrix gcols = ColumnMatrix::in(grad_columns, rows, tile.cols(), layout, g.groups);
         for (int64_t grp = 0; grp < g.groups; ++grp) {
-          at::Tensor gcols_g = group_rows(gcols, grp, rows_per_group);
-          at::mm_out(gcols_g, weight_matrix(weight, g, grp).t(), group_rows(gout, grp, g.out_per_group()));
+          at::Tensor gcols_g = gcols.group(grp);
+          at::mm_out(gcols_g, group_rows(weight_rows, grp, g.out_per_group()).t(),
+                     group_rows(gout, grp, g.out_per_group()));
         }
-        kernels.backprop_columns(gcols, grads);
+        kernels.backprop_columns(gcols.flat, grads);
       }
     }
     kernels.finish_backward(grads);
   }
+  at::Tensor grad_weight =
+      grad_weight_rows.defined() ? weight_from_column_order(grad_weight_rows, weight, kernels.layout()) : at::Tensor();
+  if (need_weight && !grad_weight.defined()) grad_weight = at::zeros(weight.sizes(), acc_opts);
   auto finish = [&](const at::Tensor& acc) { return acc.defined() ? acc.to(input.scalar_type()) : none(); };
   at::Tensor grad_bias = need_weight && bias.has_value()
                              ? grad_output.sum({0, 2, 3}, /*keepdim=*/false, acc_dtype).to(input.scalar_type())

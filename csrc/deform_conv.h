@@ -59,12 +59,20 @@ struct ConvGrads {
   at::Tensor input, offset, mask;
 };
 
+// The memory layout of the column matrix, chosen by the backend. Column q = b * tile.width() + (p - p0)
+// is output pixel p of image n0 + b; the modulated sample of channel c (in conv group grp, index cl
+// within it) at kernel point k sits at
+//   kChannelMajor: (C_in * taps, cols), row c * taps + k -- the weight's own (c, k) order;
+//   kPixelMajor:   (cols, C_in * taps), position grp * taps * C_in/groups + k * C_in/groups + cl --
+//                  per column and tap a group's channels are contiguous, as in a channels-last input.
+enum class ColumnLayout { kChannelMajor, kPixelMajor };
+
 // What a backend provides: the sampling between the feature map and the column matrix, one tile at
-// a time. Columns are (C_in * taps, tile.cols()): row c * taps + k, column b * tile.width() + (p - p0)
-// holds kernel point k of output pixel p of image n0 + b, channel c, modulated.
+// a time, in the layout it declares.
 class ColumnKernels {
  public:
   virtual ~ColumnKernels() = default;
+  virtual ColumnLayout layout() const { return ColumnLayout::kChannelMajor; }
   // The largest column buffer the backend works well with (the user's budget caps it further).
   virtual int64_t preferred_tile_bytes() const = 0;
   virtual void begin_tile(const ColumnTile& tile) = 0;

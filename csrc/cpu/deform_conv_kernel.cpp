@@ -1,15 +1,19 @@
 // Modulated deformable convolution on the CPU, under the chunked GEMM driver of deform_conv.cpp.
 //
-// Per chunk of images, a sampling plan is built once per (deform group, kernel point, output pixel):
-// the offset of the sample's top-left corner in a zero-padded copy of the input and its four
-// bilinear weights (zero_border_padded in dcn_common.h). Every channel of the group reuses that
-// plan -- the incumbents recompute the weights per channel -- and, thanks to the padding, each
-// sample is four unconditional loads and four multiply-adds.
+// The input is copied once into a zero-padded channels-last buffer, and the columns are pixel-major
+// (ColumnLayout::kPixelMajor): per output pixel and kernel point, the channels of a group are
+// contiguous both where they are read and where they are written. A sampling plan is built once per
+// (output pixel, deform group, kernel point) -- the padded position of the sample's top-left corner
+// and its four bilinear weights (zero_border_padded in dcn_common.h) -- and every channel reuses it:
+// each sample is four unit-stride loads and multiply-adds over the channels, which the compiler
+// vectorises. (The incumbents gather one channel at a time with the weights recomputed per channel;
+// a gather per sample is what made our earlier channel-major fill cost as much as the GEMM.)
 //
-// Backward: grad_input is a scatter through the same plan into a padded gradient buffer, parallel
-// over channel planes so that each thread owns the planes it writes; grad_offset / grad_mask reduce
-// over a group's channels in a fixed order. No atomics: results are bitwise identical run to run,
-// whatever the thread count (ATen's GEMMs aside, which may round differently at other thread counts).
+// Backward: grad_input is a scatter through the same plan into a padded channels-last gradient, in
+// parallel over (image, channel block) so that each thread owns the channels it writes; grad_offset
+// and grad_mask are four dot products over a group's channels per sample, with fixed-width partial
+// sums. No atomics: results are bitwise identical run to run, whatever the thread count (ATen's GEMMs
+// aside, which may round differently at other thread counts).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -23,8 +27,6 @@
 namespace mmdet_dcnv2 {
 namespace {
 
-// Pixels per parallel task: a block of the plan stays in L1 while every channel of the group uses it.
-constexpr int64_t kPixelBlock = 256;
 // Columns per tile: the GEMM then reads the columns from cache, and the buffer is small enough that
 // reusing it costs no page faults (measured: a fresh 70 MB buffer per call costs ~10% of a c3 forward).
 constexpr int64_t kTileBytes = int64_t(4) << 20;
@@ -33,62 +35,90 @@ constexpr int64_t kMinTileColumns = 512;
 // Samples a thread should have at least before another one is woken: waking threads for a tiny
 // layer costs more than the work (seen: a 10x slower gradcheck on a busy machine).
 constexpr int64_t kMinSamplesPerThread = int64_t(1) << 14;
+// Channels per task of the grad_input scatter (a multiple of the vector width).
+constexpr int64_t kChannelBlock = 32;
+// Partial sums per dot product: fixed, so the reduction order (and the result) never depends on
+// the machine, and wide enough for the compiler to keep them in one vector register.
+constexpr int kLanes = 8;
 
 // Grain size for at::parallel_for over tasks of `samples_per_task` samples each.
 inline int64_t grain_for(int64_t samples_per_task) {
   return std::max<int64_t>(1, kMinSamplesPerThread / std::max<int64_t>(1, samples_per_task));
 }
 
-// The sampling plan of a tile, one entry per (plan row, column), as separate arrays (contiguous
-// loads per field in the inner loops).
-template <typename acc_t>
-struct Plan {
-  std::vector<int32_t> base;           // offset of the (low y, low x) corner in a padded plane
-  std::array<std::vector<acc_t>, 4> w;  // bilinear weights, times the mask where the plan folds it in
-
-  void resize(int64_t n) {
-    base.resize(n);
-    for (auto& wj : w) wj.resize(n);
-  }
-  // The arrays from entry i on.
-  struct View {
-    const int32_t* base;
-    const acc_t* w[4];
-  };
-  View at(int64_t i) const { return {base.data() + i, {w[0].data() + i, w[1].data() + i, w[2].data() + i, w[3].data() + i}}; }
-};
-
-// The input's planes, padded with zeros as zero_border_padded expects.
-struct PaddedPlanes {
-  int64_t width, plane;  // padded row length and plane size
-
-  explicit PaddedPlanes(const ConvGeometry& g)
-      : width(g.width + 2), plane((g.height + 3) * (g.width + 2)) {}
-
-  static at::Tensor pad(const at::Tensor& images) {
-    return at::constant_pad_nd(images, {kPadLeft, 1, kPadTop, 1}, 0).contiguous();
-  }
-  static at::Tensor interior(const at::Tensor& padded, const ConvGeometry& g) {
-    return padded.narrow(2, kPadTop, g.height).narrow(3, kPadLeft, g.width);
-  }
-};
-
-// One run of columns [qa, qb) of a plan row for `channels` consecutive channels:
-// col[c * col_stride + q] = m[q] * sum_j w_j[q] * x_c[base[q] + corner_j], x_c = x + c * plane.
-// `m` is null where the mask is folded into the weights.
+// One sample for n consecutive channels: out[i] = sum_j w[j] * x_j[i], x_j the four corners, which
+// lie `right` and `down` elements apart.
 template <typename scalar_t, typename acc_t>
-void fill_run(const scalar_t* x, int64_t plane, int64_t channels, typename Plan<acc_t>::View p, const acc_t* m,
-              int64_t qa, int64_t qb, int64_t row_len, scalar_t* col, int64_t col_stride) {
-  for (int64_t c = 0; c < channels; ++c, x += plane, col += col_stride) {
-    for (int64_t q = qa; q < qb; ++q) {
-      const scalar_t* corner = x + p.base[q];
-      acc_t v = p.w[0][q] * static_cast<acc_t>(corner[0]) + p.w[1][q] * static_cast<acc_t>(corner[1]) +
-                p.w[2][q] * static_cast<acc_t>(corner[row_len]) + p.w[3][q] * static_cast<acc_t>(corner[row_len + 1]);
-      if (m) v *= m[q];
-      col[q] = static_cast<scalar_t>(v);
-    }
+inline void sample_channels(const scalar_t* __restrict__ x, int64_t n, int64_t right, int64_t down, const acc_t w[4],
+                            scalar_t* __restrict__ out) {
+  const acc_t w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+  const scalar_t* __restrict__ x1 = x + right;
+  const scalar_t* __restrict__ x2 = x + down;
+  const scalar_t* __restrict__ x3 = x + down + right;
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = static_cast<scalar_t>(w0 * static_cast<acc_t>(x[i]) + w1 * static_cast<acc_t>(x1[i]) +
+                                   w2 * static_cast<acc_t>(x2[i]) + w3 * static_cast<acc_t>(x3[i]));
   }
 }
+
+// The transpose of sample_channels: gx_j[i] += w[j] * grad[i] for the four corners (disjoint ranges:
+// n never exceeds `right`, the channel count).
+template <typename scalar_t, typename acc_t>
+inline void scatter_channels(const scalar_t* __restrict__ grad, int64_t n, int64_t right, int64_t down,
+                             const acc_t w[4], acc_t* gx) {
+  const acc_t w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+  acc_t* __restrict__ g0 = gx;
+  acc_t* __restrict__ g1 = gx + right;
+  acc_t* __restrict__ g2 = gx + down;
+  acc_t* __restrict__ g3 = gx + down + right;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t gi = static_cast<acc_t>(grad[i]);
+    g0[i] += w0 * gi;
+    g1[i] += w1 * gi;
+    g2[i] += w2 * gi;
+    g3[i] += w3 * gi;
+  }
+}
+
+// dots[j] += sum_i grad[i] * x_j[i] over n consecutive channels, for the four corners.
+template <typename scalar_t, typename acc_t>
+inline void corner_dots(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x, int64_t n, int64_t right,
+                        int64_t down, acc_t dots[4]) {
+  const scalar_t* xs[4] = {x, x + right, x + down, x + down + right};
+  acc_t lanes[4][kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < 4; ++j) {
+      for (int l = 0; l < kLanes; ++l) {
+        lanes[j][l] += static_cast<acc_t>(grad[i + l]) * static_cast<acc_t>(xs[j][i + l]);
+      }
+    }
+  }
+  for (int l = 0; i < n; ++i, ++l) {
+    for (int j = 0; j < 4; ++j) lanes[j][l] += static_cast<acc_t>(grad[i]) * static_cast<acc_t>(xs[j][i]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    for (int l = 0; l < kLanes; ++l) dots[j] += lanes[j][l];
+  }
+}
+
+// The sampling plan of a tile, entry q * rows + row for column q and plan row (deform group, kernel
+// point), as separate arrays.
+template <typename acc_t>
+struct Plan {
+  std::vector<int32_t> base;            // padded position (in pixels) of the (low y, low x) corner; 0 = outside
+  std::array<std::vector<acc_t>, 4> w;  // bilinear weights, times the mask where the plan folds it in
+  std::vector<acc_t> mask;              // the mask, where it is kept apart
+
+  void resize(int64_t n, bool with_mask) {
+    base.resize(n);
+    for (auto& wj : w) wj.resize(n);
+    if (with_mask) mask.resize(n);
+  }
+  void weights(int64_t i, acc_t out[4]) const {
+    for (int j = 0; j < 4; ++j) out[j] = w[j][i];
+  }
+};
 
 template <typename scalar_t>
 class CpuColumns final : public ColumnKernels {
@@ -100,14 +130,18 @@ class CpuColumns final : public ColumnKernels {
   CpuColumns(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& offset, const at::Tensor& mask,
              bool fold_mask)
       : g_(g),
-        pad_(g),
+        pad_width_(g.width + 2),
+        pad_plane_((g.height + 3) * (g.width + 2)),
         offset_(offset.const_data_ptr<scalar_t>()),
         mask_(mask.defined() ? mask.const_data_ptr<scalar_t>() : nullptr),
         fold_mask_(fold_mask) {
-    TORCH_CHECK_VALUE(pad_.plane < (int64_t(1) << 31), "input planes of more than 2^31 elements (", g.height,
-                      " x ", g.width, ") are not supported on CPU");
-    padded_ = PaddedPlanes::pad(input);
+    TORCH_CHECK_VALUE(pad_plane_ < (int64_t(1) << 31), "input planes of more than 2^31 elements (", g.height, " x ",
+                      g.width, ") are not supported on CPU");
+    padded_ = at::zeros({g.batch, g.height + 3, g.width + 2, g.in_channels}, input.options());
+    interior(padded_).copy_(input.permute({0, 2, 3, 1}));
   }
+
+  ColumnLayout layout() const override { return ColumnLayout::kPixelMajor; }
 
   int64_t preferred_tile_bytes() const override {
     return std::max(kTileBytes, kMinTileColumns * g_.in_channels * g_.taps() * int64_t(sizeof(scalar_t)));
@@ -119,23 +153,29 @@ class CpuColumns final : public ColumnKernels {
   }
 
   void finish_backward(ConvGrads& grads) override {
-    if (padded_grad_.defined()) grads.input.add_(PaddedPlanes::interior(padded_grad_, g_));
+    if (padded_grad_.defined()) grads.input.add_(interior(padded_grad_).permute({0, 3, 1, 2}));
   }
 
-  // columns[(c * taps + k) * cols + b * width + (p - p0)] = modulated sample of channel c, image n0 + b.
+  // columns[q * C_in * taps + position of (channel, kernel point)] = modulated sample (kPixelMajor).
   void fill_columns(const at::Tensor& columns) override {
-    const int64_t taps = g_.taps(), width = tile_.width(), cols = tile_.cols(), cpg = g_.in_per_deform_group();
+    const int64_t rows = plan_rows(), row_len = g_.in_channels * g_.taps();
     scalar_t* out = columns.data_ptr<scalar_t>();
-    const scalar_t* padded = padded_.const_data_ptr<scalar_t>();
-    for_each_block([&](int64_t row, int64_t q0, int64_t q1) {
-      const int64_t grp = row / taps, k = row % taps, c0 = grp * cpg;
-      const acc_t* m = fold_mask_ ? nullptr : masks_.data() + row * cols;
-      for (int64_t qa = q0; qa < q1;) {  // one image's run of columns at a time
-        const int64_t b = qa / width, qb = std::min(q1, (b + 1) * width);
-        fill_run<scalar_t, acc_t>(padded + ((tile_.n0 + b) * g_.in_channels + c0) * pad_.plane, pad_.plane, cpg,
-                                  plan_.at(row * cols), m, qa, qb, pad_.width, out + (c0 * taps + k) * cols,
-                                  taps * cols);
-        qa = qb;
+    at::parallel_for(0, tile_.cols(), grain_for(row_len), [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const scalar_t* x = image(padded_.const_data_ptr<scalar_t>(), q);
+        for (int64_t row = 0; row < rows; ++row) {
+          const int64_t e = q * rows + row;
+          acc_t w[4];
+          plan_.weights(e, w);
+          if (!fold_mask_) {
+            for (auto& wj : w) wj *= plan_.mask[e];
+          }
+          const scalar_t* corner = x + int64_t(plan_.base[e]) * g_.in_channels;
+          for_each_channel_run(row, 0, g_.in_channels, [&](int64_t c0, int64_t c1, int64_t position) {
+            sample_channels<scalar_t, acc_t>(corner + c0, c1 - c0, g_.in_channels, down(), w,
+                                             out + q * row_len + position);
+          });
+        }
       }
     });
   }
@@ -154,85 +194,75 @@ class CpuColumns final : public ColumnKernels {
   }
 
  private:
-  // plan_[(grp * taps + k) * cols + b * width + (p - p0)] for the current tile; masks_ alike.
+  at::Tensor interior(const at::Tensor& padded) const {
+    return padded.narrow(1, kPadTop, g_.height).narrow(2, kPadLeft, g_.width);
+  }
+  int64_t plan_rows() const { return g_.deform_groups * g_.taps(); }
+  int64_t down() const { return pad_width_ * g_.in_channels; }  // elements between padded rows
+  // The padded channels-last image that column q samples.
+  template <typename T>
+  T* image(T* padded, int64_t q) const {
+    return padded + (tile_.n0 + q / tile_.width()) * pad_plane_ * g_.in_channels;
+  }
+
+  // Calls fn(c0, c1, position) for the channels [c0, c1) of the row's deform group within [lo, hi)
+  // that are consecutive in a column: split where a conv group ends. `position` is c0's place in
+  // the column row (ColumnLayout::kPixelMajor).
+  template <typename Fn>
+  void for_each_channel_run(int64_t row, int64_t lo, int64_t hi, const Fn& fn) const {
+    const int64_t taps = g_.taps(), k = row % taps, cpdg = g_.in_per_deform_group(), cpg = g_.in_per_group();
+    const int64_t first = std::max(lo, (row / taps) * cpdg), last = std::min(hi, (row / taps + 1) * cpdg);
+    for (int64_t c0 = first; c0 < last;) {
+      const int64_t grp = c0 / cpg, c1 = std::min(last, (grp + 1) * cpg);
+      fn(c0, c1, grp * taps * cpg + k * cpg + (c0 - grp * cpg));
+      c0 = c1;
+    }
+  }
+
   void build_plan() {
-    const int64_t taps = g_.taps(), pixels = g_.pixels(), width = tile_.width(), cols = tile_.cols();
-    const int64_t rows = g_.deform_groups * taps;
-    plan_.resize(rows * cols);
-    if (!fold_mask_) masks_.resize(rows * cols);
-    at::parallel_for(0, rows * tile_.count, grain_for(width), [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t row = task / tile_.count, b = task % tile_.count, n = tile_.n0 + b;
-        const int64_t k = row % taps, ki = k / g_.kernel_w, kj = k % g_.kernel_w;
-        const scalar_t* off = offset_ + (n * 2 * rows + 2 * row) * pixels;
-        const scalar_t* msk = mask_ ? mask_ + (n * rows + row) * pixels : nullptr;
-        const int64_t first = row * cols + b * width;
-        acc_t* out_mask = fold_mask_ ? nullptr : masks_.data() + first;
-        for (int64_t l = 0; l < width; ++l) {
-          const int64_t p = tile_.p0 + l;
-          const acc_t y = conv_base_y<acc_t>(g_.sampling, p / g_.out_w, ki) + static_cast<acc_t>(off[p]);
-          const acc_t x = conv_base_x<acc_t>(g_.sampling, p % g_.out_w, kj) + static_cast<acc_t>(off[pixels + p]);
+    const int64_t taps = g_.taps(), pixels = g_.pixels(), width = tile_.width(), rows = plan_rows();
+    plan_.resize(rows * tile_.cols(), !fold_mask_);
+    at::parallel_for(0, tile_.cols(), grain_for(rows), [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t n = tile_.n0 + q / width, p = tile_.p0 + q % width, py = p / g_.out_w, px = p % g_.out_w;
+        for (int64_t row = 0; row < rows; ++row) {
+          const int64_t k = row % taps, e = q * rows + row;
+          const scalar_t* off = offset_ + (n * 2 * rows + 2 * row) * pixels + p;
+          const acc_t y = conv_base_y<acc_t>(g_.sampling, py, k / g_.kernel_w) + static_cast<acc_t>(off[0]);
+          const acc_t x = conv_base_x<acc_t>(g_.sampling, px, k % g_.kernel_w) + static_cast<acc_t>(off[pixels]);
           acc_t w[4];
-          plan_.base[first + l] = zero_border_padded<acc_t, int32_t>(y, x, static_cast<int32_t>(g_.height),
-                                                                     static_cast<int32_t>(g_.width), w);
-          const acc_t m = msk ? static_cast<acc_t>(msk[p]) : acc_t(1);
-          if (out_mask) out_mask[l] = m;
-          const acc_t scale = out_mask ? acc_t(1) : m;
-          for (int j = 0; j < 4; ++j) plan_.w[j][first + l] = w[j] * scale;
+          plan_.base[e] = zero_border_padded<acc_t, int32_t>(y, x, static_cast<int32_t>(g_.height),
+                                                             static_cast<int32_t>(g_.width), w);
+          const acc_t m = mask_ ? static_cast<acc_t>(mask_[(n * rows + row) * pixels + p]) : acc_t(1);
+          if (!fold_mask_) plan_.mask[e] = m;
+          for (int j = 0; j < 4; ++j) plan_.w[j][e] = fold_mask_ ? w[j] * m : w[j];
         }
       }
     });
   }
 
-  // Runs fn(row, q0, q1) in parallel over (plan row, block of the tile's columns).
-  template <typename Fn>
-  void for_each_block(const Fn& fn) const {
-    const int64_t rows = g_.deform_groups * g_.taps(), cols = tile_.cols();
-    const int64_t blocks = (cols + kPixelBlock - 1) / kPixelBlock;
-    const int64_t samples_per_task = std::min(cols, kPixelBlock) * g_.in_per_deform_group();
-    at::parallel_for(0, rows * blocks, grain_for(samples_per_task), [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t row = task / blocks, q0 = (task % blocks) * kPixelBlock;
-        fn(row, q0, std::min(cols, q0 + kPixelBlock));
-      }
-    });
-  }
-
-  // For each channel c of the row's deform group and each image's run [qa, qb) of columns within
-  // [q0, q1): fn(c, padded plane of that channel and image, qa, qb).
-  template <typename Fn>
-  void for_each_channel_run(int64_t row, int64_t q0, int64_t q1, const Fn& fn) const {
-    const int64_t width = tile_.width(), cpg = g_.in_per_deform_group(), grp = row / g_.taps();
-    const scalar_t* base = padded_.const_data_ptr<scalar_t>();
-    for (int64_t c = grp * cpg; c < (grp + 1) * cpg; ++c) {
-      for (int64_t qa = q0; qa < q1;) {
-        const int64_t b = qa / width, qb = std::min(q1, (b + 1) * width);
-        fn(c, base + ((tile_.n0 + b) * g_.in_channels + c) * pad_.plane, qa, qb);
-        qa = qb;
-      }
-    }
-  }
-
-  // Each task owns one (image, channel) plane of the padded gradient: no two threads write alike.
+  // Each task owns one block of channels of one image's padded gradient: no two threads write alike,
+  // and every element receives its contributions in the same order whatever the thread count.
   void scatter_grad_input(const scalar_t* grad_columns, acc_t* padded_grad) {
-    const int64_t taps = g_.taps(), width = tile_.width(), cols = tile_.cols();
-    const int64_t cpg = g_.in_per_deform_group(), row_len = pad_.width;
-    at::parallel_for(0, g_.in_channels * tile_.count, grain_for(taps * width), [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t c = task / tile_.count, b = task % tile_.count, grp = c / cpg;
-        acc_t* gx = padded_grad + ((tile_.n0 + b) * g_.in_channels + c) * pad_.plane;
-        for (int64_t k = 0; k < taps; ++k) {
-          const int64_t row = grp * taps + k;
-          const auto plan = plan_.at(row * cols + b * width);
-          const acc_t* m = masks_.data() + row * cols + b * width;
-          const scalar_t* gcol = grad_columns + (c * taps + k) * cols + b * width;
-          for (int64_t l = 0; l < width; ++l) {
-            const acc_t gm = static_cast<acc_t>(gcol[l]) * m[l];
-            acc_t* q = gx + plan.base[l];
-            q[0] += gm * plan.w[0][l];
-            q[1] += gm * plan.w[1][l];
-            q[row_len] += gm * plan.w[2][l];
-            q[row_len + 1] += gm * plan.w[3][l];
+    const int64_t rows = plan_rows(), row_len = g_.in_channels * g_.taps(), width = tile_.width();
+    const int64_t blocks = (g_.in_channels + kChannelBlock - 1) / kChannelBlock;
+    at::parallel_for(0, tile_.count * blocks, grain_for(width * rows * kChannelBlock), [&](int64_t t0, int64_t t1) {
+      for (int64_t task = t0; task < t1; ++task) {
+        const int64_t b = task / blocks, lo = (task % blocks) * kChannelBlock;
+        const int64_t hi = std::min(g_.in_channels, lo + kChannelBlock);
+        for (int64_t q = b * width; q < (b + 1) * width; ++q) {
+          acc_t* gx = image(padded_grad, q);
+          for (int64_t row = 0; row < rows; ++row) {
+            const int64_t e = q * rows + row;
+            if (plan_.base[e] == 0) continue;  // outside the map: all four corners are padding
+            acc_t w[4];
+            plan_.weights(e, w);
+            for (auto& wj : w) wj *= plan_.mask[e];
+            acc_t* corner = gx + int64_t(plan_.base[e]) * g_.in_channels;
+            for_each_channel_run(row, lo, hi, [&](int64_t c0, int64_t c1, int64_t position) {
+              scatter_channels<scalar_t, acc_t>(grad_columns + q * row_len + position, c1 - c0, g_.in_channels,
+                                                down(), w, corner + c0);
+            });
           }
         }
       }
@@ -240,49 +270,48 @@ class CpuColumns final : public ColumnKernels {
   }
 
   void reduce_grad_offset_mask(const scalar_t* grad_columns, acc_t* grad_offset, acc_t* grad_mask) {
-    const int64_t taps = g_.taps(), pixels = g_.pixels(), width = tile_.width(), cols = tile_.cols();
-    const int64_t rows = g_.deform_groups * taps, row_len = pad_.width;
-    for_each_block([&](int64_t row, int64_t q0, int64_t q1) {
-      acc_t acc_y[kPixelBlock] = {}, acc_x[kPixelBlock] = {}, acc_m[kPixelBlock] = {};
-      const auto plan = plan_.at(row * cols);
-      for_each_channel_run(row, q0, q1, [&](int64_t c, const scalar_t* x, int64_t qa, int64_t qb) {
-        const scalar_t* gcol = grad_columns + (c * taps + row % taps) * cols;
-        for (int64_t q = qa; q < qb; ++q) {
-          // Offset 0 marks a sample outside the map: it receives no gradient (not even NaN * 0).
-          if (plan.base[q] == 0) continue;
-          const acc_t w[4] = {plan.w[0][q], plan.w[1][q], plan.w[2][q], plan.w[3][q]};
-          const scalar_t* corner = x + plan.base[q];
-          const acc_t v[4] = {static_cast<acc_t>(corner[0]), static_cast<acc_t>(corner[1]),
-                              static_cast<acc_t>(corner[row_len]), static_cast<acc_t>(corner[row_len + 1])};
-          // The unmodulated weights give back the fractional position: ly = w2 + w3, lx = w1 + w3.
-          acc_t dy, dx;
-          bilinear_coord_grad(v, w[2] + w[3], w[1] + w[3], dy, dx);
-          const acc_t gcv = static_cast<acc_t>(gcol[q]);
-          acc_y[q - q0] += gcv * dy;
-          acc_x[q - q0] += gcv * dx;
-          acc_m[q - q0] += gcv * (w[0] * v[0] + w[1] * v[1] + w[2] * v[2] + w[3] * v[3]);
-        }
-      });
+    const int64_t rows = plan_rows(), row_len = g_.in_channels * g_.taps(), pixels = g_.pixels();
+    const int64_t width = tile_.width();
+    at::parallel_for(0, tile_.cols(), grain_for(row_len), [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) {
         const int64_t n = tile_.n0 + q / width, p = tile_.p0 + q % width;
-        const acc_t m = masks_[row * cols + q];
-        acc_t* go = grad_offset + (n * 2 * rows + 2 * row) * pixels + p;
-        go[0] = acc_y[q - q0] * m;
-        go[pixels] = acc_x[q - q0] * m;
-        if (grad_mask) grad_mask[(n * rows + row) * pixels + p] = acc_m[q - q0];
+        const scalar_t* x = image(padded_.const_data_ptr<scalar_t>(), q);
+        for (int64_t row = 0; row < rows; ++row) {
+          const int64_t e = q * rows + row;
+          // dots[j]: the column gradient against corner j's values, over the group's channels.
+          // Outside the map (base 0) they stay 0: no gradient, not even NaN * 0.
+          acc_t dots[4] = {}, w[4];
+          plan_.weights(e, w);
+          if (plan_.base[e] != 0) {
+            const scalar_t* corner = x + int64_t(plan_.base[e]) * g_.in_channels;
+            for_each_channel_run(row, 0, g_.in_channels, [&](int64_t c0, int64_t c1, int64_t position) {
+              corner_dots<scalar_t, acc_t>(grad_columns + q * row_len + position, corner + c0, c1 - c0,
+                                           g_.in_channels, down(), dots);
+            });
+          }
+          // The sample is linear in the corner values, so its coordinate gradient summed over
+          // channels is bilinear_coord_grad of the dots; the unmodulated weights give back the
+          // fractional position: ly = w2 + w3, lx = w1 + w3.
+          acc_t dy, dx;
+          bilinear_coord_grad(dots, w[2] + w[3], w[1] + w[3], dy, dx);
+          const acc_t m = plan_.mask[e];
+          acc_t* go = grad_offset + (n * 2 * rows + 2 * row) * pixels + p;
+          go[0] = dy * m;
+          go[pixels] = dx * m;
+          if (grad_mask) grad_mask[(n * rows + row) * pixels + p] = w[0] * dots[0] + w[1] * dots[1] + w[2] * dots[2] + w[3] * dots[3];
+        }
       }
     });
   }
 
   const ConvGeometry& g_;
-  const PaddedPlanes pad_;
+  const int64_t pad_width_, pad_plane_;  // padded row length and plane size, in pixels
   const scalar_t* offset_;
   const scalar_t* mask_;
   const bool fold_mask_;
   ColumnTile tile_{};
-  at::Tensor padded_, padded_grad_;
+  at::Tensor padded_, padded_grad_;  // channels last: (N, H + 3, W + 2, C)
   Plan<acc_t> plan_;
-  std::vector<acc_t> masks_;
 };
 
 at::Tensor forward_cpu(const at::Tensor& input_, const at::Tensor& offset_, const std::optional<at::Tensor>& mask_,
