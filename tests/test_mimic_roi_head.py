@@ -22,7 +22,7 @@ from mmdet_tiny import make_tiny_coco, rpn_proposals_in_float32, tiny_model_opti
 
 import mmdet_dcnv2  # noqa: E402
 from mmdet_dcnv2.models import MDConv, MDPool, MimicFasterRCNN, MimicMaskRCNN, RCNNMimicRoIHead  # noqa: E402
-from mmdet_dcnv2.models.roi_heads import crop_and_resize, shared_fc_features  # noqa: E402
+from mmdet_dcnv2.models.roi_heads import crop_and_resize, pool_patches, rcnn_mimic_roi_head, shared_fc_features  # noqa: E402,E501
 
 OUR_CONFIGS = os.path.join(os.path.dirname(mmdet_dcnv2.__file__), ".mim", "configs", "dcnv2")
 FASTER = "faster_rcnn_r50_fpn_mdconv_c3-c5_mdpool_mimic_1x_coco"
@@ -233,14 +233,25 @@ def test_background_and_all_roi_ablations_train(mimic_on):
     assert _finite(losses) and losses["loss_mimic"] > 0 and losses["loss_rcnn_cls"] > 0
 
 
-def test_tiny_and_elongated_rois_are_cropped_and_mimicked():
-    model = _build(FASTER)
+def test_tiny_and_elongated_rois_are_cropped_and_mimicked(monkeypatch):
+    model = _build(FASTER, **{"model.roi_head.num_rois": 32})  # every positive, the ground truths among them
     model.train()
+    cropped = []
+
+    def recording_crop(images, rois, size):
+        cropped.append(rois.detach().clone())
+        return crop_and_resize(images, rois, size)
+
+    monkeypatch.setattr(rcnn_mimic_roi_head, "crop_and_resize", recording_crop)
     # Ground truths become positive RoIs (add_gt_as_proposals): half a pixel square, thin, flat. (A
     # zero-size one would make mmdet's box-delta targets log(0); crop_and_resize's own test covers it.)
     boxes = [[[10.0, 10.0, 10.5, 10.5], [5.0, 5.0, 5.5, 60.0], [0.0, 30.0, 64.0, 30.5]], [[20.0, 20.0, 21.0, 21.0]]]
     losses = model(**_batch(model, num_items=(3, 1), boxes=boxes), mode="loss")
-    assert _finite(losses)
+    assert _finite(losses) and losses["loss_mimic"] > 0
+    crops = cropped[0].tolist()
+    for image, image_boxes in enumerate(boxes):
+        for box in image_boxes:
+            assert any(row[0] == image and row[1:] == pytest.approx(box) for row in crops), box
     _total(losses).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
@@ -255,6 +266,32 @@ def test_crop_and_resize():
     point = crop_and_resize(images, torch.tensor([[0, 7.0, 9.0, 7.0, 9.0]]), 4)  # widened to 1x1 about its centre
     torch.testing.assert_close(point, roi_align(images, torch.tensor([[0, 6.5, 8.5, 7.5, 9.5]]), 4, 1.0, 0, aligned=True))
     assert point.abs().sum() > 0
+
+
+def test_patches_keep_their_own_crop_under_bfloat16_beyond_256_crops(monkeypatch):
+    """RoI layers cast RoIs to the features' dtype; bfloat16 rounds batch indices above 256."""
+    extractor = _build(FASTER).roi_head.bbox_roi_extractor  # MDPool at 7x7; a 32-pixel patch is on P2
+    torch.manual_seed(0)
+    feats = tuple(torch.randn(300, 32, 8 >> level, 8 >> level, dtype=torch.bfloat16) for level in range(4))
+
+    def pooled_rows():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            together = pool_patches(extractor, feats, 32)
+            alone = [pool_patches(extractor, tuple(f[i:i + 1] for f in feats), 32) for i in (0, 257, 299)]
+        return together[[0, 257, 299]], torch.cat(alone)
+
+    together, alone = pooled_rows()
+    assert together.dtype == torch.bfloat16 and torch.equal(together, alone)
+    # In one call, index 299 would round to 300 (the CPU kernel refuses it; CUDA's, which does not
+    # check, would pool a neighbour's crop): the chunking is what this test sees.
+    monkeypatch.setattr(rcnn_mimic_roi_head, "PATCHES_PER_CALL", 10**6)
+    with pytest.raises(ValueError, match="got 300 in row 299"):
+        pooled_rows()
+
+
+def test_a_224_pixel_patch_is_pooled_from_p4():
+    extractor = MODELS.build(Config.fromfile(os.path.join(OUR_CONFIGS, f"{FASTER}.py")).model.roi_head.bbox_roi_extractor)
+    assert extractor.map_roi_levels(torch.tensor([[0.0, 0.0, 0.0, 224.0, 224.0]]), 4).tolist() == [2]  # P2..P5
 
 
 def test_shared_fc_features_is_the_feature_the_bbox_head_classifies():

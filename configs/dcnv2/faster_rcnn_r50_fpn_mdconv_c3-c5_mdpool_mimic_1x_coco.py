@@ -1,4 +1,4 @@
-# The DCNv2 paper's best Faster R-CNN (Table 3, 42.4 AP): its full setting -- mdconv in c3-c5, MDPool
+# The DCNv2 paper's best Faster R-CNN (Table 2, 42.4 AP): its full setting -- mdconv in c3-c5, MDPool
 # (2x2 samples per bin), offset/mask convs at 0.1x lr -- trained with R-CNN feature mimicking on
 # foreground RoIs: 32 per image, cropped to 224x224, both new losses at 0.1x. Inference and the
 # checkpoint's keys are those of the base config (plus the R-CNN classifier, used in training only).

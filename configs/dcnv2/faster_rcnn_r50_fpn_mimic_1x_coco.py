@@ -1,4 +1,4 @@
-# The DCNv2 paper's control experiment (Table 3, 35.6 -> 35.8 AP): R-CNN feature mimicking on a
+# The DCNv2 paper's control experiment (Table 2, 35.6 -> 35.8 AP): R-CNN feature mimicking on a
 # regular ConvNet -- stock R50-FPN Faster R-CNN with RoIAlign, no deformable layers -- with the same
 # mimicking settings as the DCNv2 configs (32 foreground RoIs per image, 224x224, losses at 0.1x).
 # Inherits: mmdet faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py.

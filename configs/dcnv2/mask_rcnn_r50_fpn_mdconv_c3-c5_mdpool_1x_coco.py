@@ -1,4 +1,4 @@
-# The DCNv2 paper's full setting for Mask R-CNN (Table 2, without feature mimicking): modulated
+# The DCNv2 paper's full setting for Mask R-CNN (Table 1, without feature mimicking): modulated
 # deformable convs in c3-c5, modulated deformable RoI pooling in both RoI layers (7x7 box, 14x14
 # mask; 2x2 samples per bin), offset/mask convs at 0.1x the learning rate (MDPool's fc branches at
 # the normal rate). Eight MDPools, ~520M parameters (mostly the 14x14 mask ones); see the README.

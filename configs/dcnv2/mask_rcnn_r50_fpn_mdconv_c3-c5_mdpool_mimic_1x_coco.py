@@ -1,4 +1,4 @@
-# The DCNv2 paper's best Mask R-CNN (Table 3, 43.9 box / 38.1 mask AP): its full setting -- mdconv in
+# The DCNv2 paper's best Mask R-CNN (Table 2, 43.9 box / 38.1 mask AP): its full setting -- mdconv in
 # c3-c5, MDPool on both RoI layers (7x7 box, 14x14 mask; 2x2 samples per bin), offset/mask convs at
 # 0.1x lr -- trained with R-CNN feature mimicking on foreground RoIs (32 per image, 224x224 crops,
 # losses at 0.1x), on the classification branch only, as in the paper.

@@ -37,6 +37,10 @@ from mmdet_dcnv2.ops import deform_roi_pool
 MIMIC_ON = ("fg", "bg", "all")
 # Crops narrower than this are widened about their centre: a zero-width RoI has no area to resample.
 MIN_CROP_SIDE = 1.0
+# Patches pooled per RoI-layer call. RoI layers cast the RoIs to the features' dtype, and bfloat16
+# holds integers exactly only up to 256: under autocast a larger batch index would round to a
+# neighbouring crop's.
+PATCHES_PER_CALL = 256
 
 
 def select_mimic_rois(sampling_results: List[SamplingResult], num_rois: int, mimic_on: str,
@@ -77,6 +81,20 @@ def crop_and_resize(images: Tensor, rois: Tensor, size: int) -> Tensor:
     crop_rois = torch.cat([rois[:, :1].detach(), centre - half, centre + half], dim=1)
     return deform_roi_pool(images, crop_rois.to(images.dtype), None, output_size=size, spatial_scale=1.0,
                            sampling_ratio=0)
+
+
+def pool_patches(roi_extractor: nn.Module, crop_feats: Tuple[Tensor, ...], crop_size: int) -> Tensor:
+    """Each crop's whole patch, (0, 0, crop_size, crop_size), pooled by ``roi_extractor`` from the
+    crops' feature maps (at most PATCHES_PER_CALL crops per call)."""
+    feats = crop_feats[:roi_extractor.num_inputs]
+    pooled = []
+    for start in range(0, len(feats[0]), PATCHES_PER_CALL):
+        chunk = [f[start:start + PATCHES_PER_CALL] for f in feats]
+        count = len(chunk[0])
+        rois = chunk[0].new_tensor([0.0, 0.0, 0.0, crop_size, crop_size], dtype=torch.float32).repeat(count, 1)
+        rois[:, 0] = torch.arange(count, dtype=torch.float32, device=rois.device)
+        pooled.append(roi_extractor(chunk, rois))
+    return torch.cat(pooled)
 
 
 def shared_fc_features(bbox_head: ConvFCBBoxHead, roi_feats: Tensor) -> Tensor:
@@ -165,11 +183,7 @@ class RCNNMimicRoIHead(StandardRoIHead):
 
         rois = bbox2roi([res.priors for res in sampling_results])
         crops = crop_and_resize(images, rois[indices], self.crop_size)
-        crop_feats = extract_feat(crops)
-        patch = crops.new_tensor([0.0, 0.0, self.crop_size, self.crop_size]).expand(len(crops), 4)
-        patch_rois = torch.cat([torch.arange(len(crops), device=crops.device, dtype=crops.dtype)[:, None],
-                                patch], dim=1)
-        patch_feats = self.bbox_roi_extractor(crop_feats[:self.bbox_roi_extractor.num_inputs], patch_rois)
+        patch_feats = pool_patches(self.bbox_roi_extractor, extract_feat(crops), self.crop_size)
         if self.with_shared_head:
             patch_feats = self.shared_head(patch_feats)
         f_rcnn = shared_fc_features(self.bbox_head, patch_feats)
