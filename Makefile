@@ -55,12 +55,17 @@ demo-compare: install
 
 # The README's spatial-support pictures: the same nodes on `make demo-compare`'s regular and DCNv2 models
 # (seed 0), side by side (python -m mmdet_dcnv2.tools.spatial_support; ~10 s per model).
+# Needs `make demo-compare` to have run first: it reads work_dirs/shapes_compare/*/seed0/{*.py,epoch_12.pth}
+# (not a make prerequisite: training both models takes a while) and stops with a message if they are missing.
 SS_MODELS := baseline:faster_rcnn_r50_fpn_shapes dcnv2:faster_rcnn_r50_fpn_mdconv_c3-c5_shapes
 SS_IMAGE  ?= data/shapes/val/000013.png
-SS_NODES  ?= conv:70,45 conv:16,112 cls:45,27,95,63\#4
+SS_NODES  ?= conv:70,45 conv:0,96 cls:45,27,95,63\#4
 SS_DIR    ?= work_dirs/spatial_support
 spatial-support: install
 	for m in $(SS_MODELS); do run=work_dirs/shapes_compare/$${m%%:*}/seed0; \
+	  for f in $$run/$${m#*:}.py $$run/epoch_12.pth; do test -f $$f || { \
+	    echo "spatial-support: $$f is missing; run 'make demo-compare' first (it trains these models)" >&2; \
+	    exit 1; }; done; \
 	  $(PY) -P -m mmdet_dcnv2.tools.spatial_support $$run/$${m#*:}.py $$run/epoch_12.pth $(SS_IMAGE) \
 	    --nodes $(SS_NODES) --out-dir $(SS_DIR)/$${m%%:*} || exit 1; done
 	for f in $(SS_DIR)/baseline/*.npz; do name=$$(basename $$f .npz); \

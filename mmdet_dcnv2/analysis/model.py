@@ -91,7 +91,7 @@ def normalise(model: nn.Module, pixels: Tensor, keep: Optional[Tensor] = None) -
 def detect(model: nn.Module, image: LoadedImage, score_thr: float):
     """Detections (boxes in network-input coordinates, scores, labels), best first, score >= score_thr."""
     with torch.no_grad():
-        batch = normalise(model, image.pixels[None].to(_dtype(model)))
+        batch = normalise(model, image.pixels[None].to(next(model.parameters())))  # its device and dtype
         sample = image.data_sample.clone()
         sample.set_metainfo({"batch_input_shape": tuple(batch.shape[-2:]), "pad_shape": tuple(batch.shape[-2:])})
         result = model.predict(batch, [sample], rescale=False)[0].pred_instances
@@ -102,7 +102,3 @@ def detect(model: nn.Module, image: LoadedImage, score_thr: float):
 
 def class_names(model: nn.Module) -> Sequence[str]:
     return tuple((getattr(model, "dataset_meta", None) or {}).get("classes", ()))
-
-
-def _dtype(model: nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype

@@ -21,6 +21,14 @@ evaluated on its final box.
 Node specs (``--nodes``): ``KIND:WHERE[#INDEX]`` with WHERE ``detN`` (the N-th best detection: its
 box, or its centre for ``conv``) or coordinates in the original image (``X,Y`` for ``conv``,
 ``X1,Y1,X2,Y2`` for ``cls``/``reg``); INDEX is the c5 channel (``conv``) or the class (``cls``/``reg``).
+
+Pixel-to-unit convention (``conv``): feature position u of the stride-S c5 map is centred on image
+pixel S*u, and a position p picks the unit whose centre is nearest, ties upwards: u = floor(p/S + 0.5)
+(S = 32: pixels 0-15 -> unit 0, 16-47 -> unit 1, ...), clamped to the map. S comes from the
+architecture (:func:`c5_stride`), not from the padded input's size.
+
+Every resolved node must be distinct: its ``name`` (which files are written under) carries the
+position or box, the channel or class, and two specs resolving to the same node are an error.
 """
 
 import math
@@ -90,7 +98,7 @@ class RoINode:
 
     @property
     def name(self) -> str:
-        return f"{self.kind}_{self.source}"
+        return f"{self.kind}_{self.source}_c{self.class_index}"
 
     @property
     def label(self) -> str:
@@ -108,13 +116,19 @@ class RoINode:
         return bbox_pred[:, 4 * self.class_index:4 * self.class_index + 4]
 
     def sampling_layers(self, model: nn.Module) -> List[Tuple[str, nn.Module]]:
-        """The box head's RoI layers (one per FPN level, or the shared one); only the level the box
-        maps to is called."""
+        """The box head's RoI layers: one per FPN level (only the level the box maps to is called),
+        or, with ``share_roi_layer=True``, the one layer all levels share (then ``roi_layers`` holds
+        per-level views that are not modules; each call passes its level's ``spatial_scale``)."""
         extractor = model.roi_head.bbox_roi_extractor
+        shared = getattr(extractor, "shared_roi_layer", None)
+        if shared is not None:
+            return [("roi_head.bbox_roi_extractor.shared_roi_layer", shared)]
         layers = [(f"roi_head.bbox_roi_extractor.roi_layers.{i}", layer)
                   for i, layer in enumerate(getattr(extractor, "roi_layers", []))]
-        if getattr(extractor, "shared_roi_layer", None) is not None:
-            layers.append(("roi_head.bbox_roi_extractor.shared_roi_layer", extractor.shared_roi_layer))
+        not_modules = [name for name, layer in layers if not isinstance(layer, nn.Module)]
+        if not_modules:
+            raise ValueError(f"{type(extractor).__name__}: RoI layers {not_modules} are not nn.Modules and "
+                             f"no shared_roi_layer is set; cannot hook them")
         return layers
 
 
@@ -128,6 +142,49 @@ def last_residual_stage(model: nn.Module) -> Tuple[str, nn.Module]:
         raise ValueError(f"conv nodes need a ResNet-style backbone (with res_layers); "
                          f"{type(backbone).__name__} has none")
     return names[-1], getattr(backbone, names[-1])
+
+
+def c5_stride(model: nn.Module) -> int:
+    """Image pixels per pixel of the last c5 layer, from the backbone's architecture: the stride of
+    its stem (the strided convolutions and poolings outside the residual stages -- conv1 and the
+    max-pool, 4, in mmdet's ResNet; 2 in RegNet) times each residual stage's (``backbone.strides``).
+    Not from the input's size: that need not be a multiple of it (``pad_size_divisor``)."""
+    last_residual_stage(model)  # a ResNet-style backbone, or a clear error
+    backbone = model.backbone
+    stage_names = list(backbone.res_layers)
+    strides = getattr(backbone, "strides", None)
+    if strides is None or len(strides) < len(stage_names):
+        raise ValueError(f"conv nodes need the backbone's per-stage strides (mmdet's ResNet family has "
+                         f"backbone.strides); {type(backbone).__name__} has none")
+    in_stages = {id(m) for name in stage_names for m in getattr(backbone, name).modules()}
+    stride = 1
+    for name, module in backbone.named_modules():
+        if id(module) in in_stages or not isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            continue
+        step = _pair(module.stride)
+        if step[0] != step[1]:
+            raise ValueError(f"backbone.{name} has stride {step}; conv nodes need square strides")
+        stride *= step[0]
+    for step in strides[:len(stage_names)]:
+        step = _pair(step)
+        if step[0] != step[1]:
+            raise ValueError(f"backbone stage stride {step}; conv nodes need square strides")
+        stride *= step[0]
+    return stride
+
+
+def check_c5_size(stride: int, batch_size: Tuple[int, int], c5_size: Tuple[int, int]) -> None:
+    """Every strided step of a ResNet is 'same'-padded (an n-pixel map becomes ceil(n/2)), so a
+    stride-S c5 map of an H x W input is ceil(H/S) x ceil(W/S); anything else means the stride was
+    not understood, and positions would be mapped wrongly."""
+    expected = tuple(-(-size // stride) for size in batch_size)
+    if tuple(c5_size) != expected:
+        raise ValueError(f"the c5 map is {tuple(c5_size)} for a {tuple(batch_size)} input, but a stride-{stride} "
+                         f"backbone (from its architecture) gives {expected}; cannot place conv nodes")
+
+
+def _pair(value) -> Tuple[int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
 def last_c5_output(model: nn.Module, batch: Tensor) -> Tensor:
@@ -188,8 +245,17 @@ def parse_spec(spec: str) -> Tuple[str, str, Optional[int]]:
 
 
 def resolve_nodes(specs: Sequence[str], model: nn.Module, image: LoadedImage, detections) -> List[Node]:
-    """Turn node specs into nodes, checked against the image, the c5 map and the detections."""
-    return [_resolve(spec, model, image, detections) for spec in specs]
+    """Turn node specs into nodes, checked against the image, the c5 map and the detections; two
+    specs resolving to the same node (same name: their files would overwrite each other) are an error."""
+    nodes, seen = [], {}
+    for spec in specs:
+        node = _resolve(spec, model, image, detections)
+        if node.name in seen:
+            raise ValueError(f"--nodes {seen[node.name]!r} and {spec!r} both resolve to the same node {node.name} "
+                             f"({node.label}); give each node once")
+        seen[node.name] = spec
+        nodes.append(node)
+    return nodes
 
 
 def _resolve(spec: str, model: nn.Module, image: LoadedImage, detections) -> Node:
@@ -225,9 +291,12 @@ def conv_node(model: nn.Module, image: LoadedImage, xy: Tuple[float, float], cha
     with torch.no_grad():
         batch = normalise(model, image.pixels[None].to(next(model.parameters())))
         c5 = last_c5_output(model, batch)
-    stride = batch.shape[-2] // c5.shape[-2]
-    # Feature position u of a stride-S ResNet map is centred on image pixel S*u (see sampling_locations).
-    row, col = min(round(y / stride), c5.shape[-2] - 1), min(round(x / stride), c5.shape[-1] - 1)
+    stride = c5_stride(model)
+    check_c5_size(stride, batch.shape[-2:], c5.shape[-2:])
+    # Feature position u of a stride-S ResNet map is centred on image pixel S*u (see sampling_locations):
+    # the nearest centre, ties upwards (not Python's round, which rounds half to even).
+    row = min(math.floor(y / stride + 0.5), c5.shape[-2] - 1)
+    col = min(math.floor(x / stride + 0.5), c5.shape[-1] - 1)
     if channel is not None and channel >= c5.shape[1]:
         raise ValueError(f"--nodes {spec!r}: channel {channel} out of range; the c5 layer has {c5.shape[1]}")
     return ConvNode(row, col, stride, channel)

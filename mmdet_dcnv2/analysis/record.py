@@ -44,6 +44,7 @@ def analyse_node(model: nn.Module, image: LoadedImage, node: Node, max_error: fl
                   sampling_seconds=np.array(time.perf_counter() - start))
     for i, layer in enumerate(layers):
         record.update({f"sampling_{i}_points": _np(layer.points), f"sampling_{i}_strength": _np(layer.strength),
+                       f"sampling_{i}_location_strength": _np(layer.location_strength),
                        f"sampling_{i}_feature_points": _np(layer.feature_points),
                        f"sampling_{i}_grid_shape": np.array(layer.grid_shape),
                        f"sampling_{i}_input_stride": np.array(layer.input_stride)})
@@ -55,6 +56,7 @@ def analyse_node(model: nn.Module, image: LoadedImage, node: Node, max_error: fl
                   saliency_num_cells=np.array(region.num_cells), saliency_cell=np.array(region.cell),
                   saliency_area_fraction=np.array(region.area_fraction),
                   saliency_probes=np.array(region.probes, dtype=np.float64).reshape(-1, 2),
+                  saliency_masked_images=np.array(region.masked_images),
                   saliency_forward_passes=np.array(region.forward_passes),
                   saliency_region_response=_np(region.region_response),
                   saliency_seconds=np.array(time.perf_counter() - start))
@@ -70,6 +72,7 @@ def summary(record: Dict[str, np.ndarray]) -> Dict:
         "saliency": {"area_fraction": round(float(record["saliency_area_fraction"]), 4),
                      "error": float(record["saliency_error"]), "max_error": float(record["saliency_max_error"]),
                      "cells_kept": int(record["saliency_cells_kept"]), "num_cells": int(record["saliency_num_cells"]),
+                     "masked_images": int(record["saliency_masked_images"]),
                      "forward_passes": int(record["saliency_forward_passes"])},
         "seconds": {view: round(float(record[f"{view}_seconds"]), 3) for view in ("erf", "sampling", "saliency")},
     }

@@ -18,10 +18,22 @@ k - 1 cells fail it. If the error is not monotone in k, a smaller qualifying pre
 stepped over can exist: the region is minimal among the probed prefixes.
 
 Cost: 1 forward pass for the full image (plus the receptive field used for ranking: 1 forward and 1
-backward per output), then at most ``batch_size`` forward passes per round over
-``ceil(log(N) / log(batch_size + 1))`` rounds -- e.g. 1024 cells (a 128x128 image, 4-px cells) with
-batches of 16: 3 rounds, at most 16 + 16 + 3 = 35 masked images (bisection would need 10 rounds
-of 1; a linear scan 1024).
+backward per output), then one batched forward pass of at most ``batch_size`` masked images per
+round over ``ceil(log(N + 1) / log(batch_size + 1))`` rounds -- e.g. 1024 cells (a 128x128 image,
+4-px cells) with batches of 16: 3 rounds, i.e. 3 batched forward passes of at most 16 + 16 + 3 = 35
+masked images in all (bisection would need 10 sequential passes of 1; a linear scan 1024 images).
+``SaliencyRegion`` reports both counts: ``masked_images`` and ``forward_passes`` (batched passes,
+the full image's included).
+
+Ill-conditioned nodes: the bound is relative to the node's own full-image response, so a node whose
+response is near zero gets a tiny absolute tolerance. This is typical of ``reg`` nodes: a box the
+detector already fits well has deltas near 0, and keeping them within 10% of themselves can take
+most of the image (or fail to converge before the full image, which always qualifies). Read a ``reg``
+node's region with its ``response`` (stored in the record) in mind, or raise ``max_error``.
+
+Devices: the ranking and every mask are built on the CPU (cheap, (H, W) booleans) and moved to the
+model's device with the image inside :func:`~.model.normalise`; responses stay on the model's
+device and errors come back as Python floats.
 """
 
 import math
@@ -44,7 +56,8 @@ class SaliencyRegion:
     num_cells: int
     cell: int
     probes: List[Tuple[int, float]]  # every (k, error) evaluated, in order
-    forward_passes: int  # masked images evaluated, plus the full image
+    masked_images: int  # masked images evaluated (= len(probes))
+    forward_passes: int  # batched forward passes: one per round of the search, plus the full image
     response: Tensor  # (outputs,) full image
     region_response: Tensor  # (outputs,) with only the region kept
 
@@ -54,18 +67,19 @@ class SaliencyRegion:
 
 
 def rank_cells(heat: Tensor, cell: int) -> Tensor:
-    """Cell indices (row-major over the ceil(H/cell) x ceil(W/cell) grid), most influential first."""
+    """Cell indices (row-major over the ceil(H/cell) x ceil(W/cell) grid), most influential first;
+    on the CPU whatever the heat map's device, as the masks built from it."""
     height, width = heat.shape
-    padded = nn.functional.pad(heat[None, None].double(), (0, (-width) % cell, 0, (-height) % cell))
+    padded = nn.functional.pad(heat.detach().cpu()[None, None].double(), (0, (-width) % cell, 0, (-height) % cell))
     scores = nn.functional.avg_pool2d(padded, cell).flatten()
     return torch.argsort(scores, descending=True, stable=True)
 
 
 def prefix_mask(order: Tensor, k: int, cell: int, size: Tuple[int, int]) -> Tensor:
-    """(H, W) bool: the pixels of the k top-ranked cells."""
+    """(H, W) bool, on ``order``'s device: the pixels of the k top-ranked cells."""
     height, width = size
     rows, cols = math.ceil(height / cell), math.ceil(width / cell)
-    cells = torch.zeros(rows * cols, dtype=torch.bool)
+    cells = torch.zeros(rows * cols, dtype=torch.bool, device=order.device)
     cells[order[:k]] = True
     grid = cells.view(rows, cols).repeat_interleave(cell, 0).repeat_interleave(cell, 1)
     return grid[:height, :width]
@@ -102,12 +116,14 @@ def saliency_region(model: nn.Module, image: LoadedImage, node: Node, heat: Tens
         raise ValueError(f"node {node.name} responds 0 to the full image: a relative error is undefined "
                          f"(choose another node or channel)")
     probes, errors, found = [], {num_cells: 0.0}, {num_cells: reference}
+    passes = 1  # the full image
     lo, hi = -1, num_cells  # lo: largest k known (or assumed, -1) to fail; hi: smallest k known to pass
     while hi - lo > 1:
         candidates = sorted({lo + max(1, round((hi - lo) * i / (batch_size + 1))) for i in range(1, batch_size + 1)}
                             - {hi})
         keeps = torch.stack([prefix_mask(order, k, cell, image.size) for k in candidates])
         batch_responses = responses(keeps)
+        passes += 1
         for k, response, error in zip(candidates, batch_responses, relative_error(batch_responses, reference).tolist()):
             errors[k], found[k] = error, response
             probes.append((k, error))
@@ -120,4 +136,4 @@ def saliency_region(model: nn.Module, image: LoadedImage, node: Node, heat: Tens
         else:
             lo = candidates[-1]
     return SaliencyRegion(prefix_mask(order, hi, cell, image.size), errors[hi], max_error, hi, num_cells, cell,
-                          probes, len(probes) + 1, reference, found[hi])
+                          probes, len(probes), passes, reference, found[hi])

@@ -16,13 +16,23 @@ feature map, so it vanishes wherever the map is locally flat -- a point in the m
 where the node reads a lot, would show as irrelevant. The value gradient says how much the node
 listens to that point whatever is found there, the same notion as the receptive-field view (a pixel
 gradient), and a regular convolution's fixed grid shows up with the same meaning, so the two can be
-compared.
+compared. This is a deliberate deviation from the paper (and DESIGN section 1), which weight a point
+by the gradient with respect to its location; that one is computed too and kept beside it
+(``location_strength``): ``|| d n / d (y, x) ||`` of the point, i.e. the value gradient dotted with
+the bilinear interpolant's spatial gradient of the input map at the point (the same border rule as
+the layer: zeros for a convolution, clamped to the edge for an RoI layer), norm over the node's
+outputs. At integer positions (a regular grid) the bilinear interpolant has a kink and this is its
+one-sided derivative towards +x / +y.
 
 The strengths are exact gradients of the real network (autograd), including the residual paths and
 the bilinear spreading of fractional sampling points over their four neighbours; so every output
 position of a lower layer that the node reaches contributes its points (this is the paper's stacked
 sampling hierarchy of 9 x 9 x 9 points, computed without its approximation of evaluating offsets
 at fractional positions).
+
+Strides: the input-map stride of a convolution comes from the architecture -- its output is the
+c5 map (stride S from :func:`~.nodes.c5_stride`), so its input's stride is S / the layer's stride
+(checked against the maps' sizes); an RoI layer's is 1 / its ``spatial_scale`` for the call.
 
 Coordinates, in network-input pixel-index units (pixel centres at integers):
 - convolutions: the point (y, x) of the layer's input map, ``y = i*stride - pad + a*dilation + dy``
@@ -41,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from .model import LoadedImage, normalise
-from .nodes import Node
+from .nodes import Node, check_c5_size
 
 
 @dataclass
@@ -55,7 +65,8 @@ class LayerSamples:
     kind: str  # "conv" or "roi"
     feature_points: Tensor  # (P, 2) x, y in the layer's input feature map
     points: Tensor  # (P, 2) x, y in network-input image pixels
-    strength: Tensor  # (P,)
+    strength: Tensor  # (P,) || d node / d value sampled at the point ||
+    location_strength: Tensor  # (P,) || d node / d the point's location (y, x) ||, in input-map pixels
     grid_shape: Tuple[int, ...]
     input_stride: float  # image pixels per input-map pixel
 
@@ -68,6 +79,8 @@ def effective_sampling_locations(model: nn.Module, image: LoadedImage, node: Nod
 
     def capture(name):
         def hook(module, args, kwargs, output):
+            if name in calls:  # one call per layer is what the analysis reads (and the nodes do)
+                raise RuntimeError(f"{name} was called more than once in the node's forward pass")
             calls[name] = (args, kwargs, output)
         return hook
 
@@ -91,7 +104,8 @@ def effective_sampling_locations(model: nn.Module, image: LoadedImage, node: Nod
             args, kwargs, output = calls[name]
             layer_grads = [torch.zeros_like(output) if g[index] is None else g[index] for g in grads]
             if node.kind == "conv":
-                result.append(_conv_samples(name, module, args[0], layer_grads, batch.shape[-2]))
+                result.append(_conv_samples(name, module, args[0], layer_grads, node.stride,
+                                            tuple(batch.shape[-2:])))
             else:
                 result.append(_roi_samples(name, module, args, kwargs, layer_grads))
     return result
@@ -136,25 +150,64 @@ def regular_grid(module: nn.Module, out_h: int, out_w: int, dtype=torch.float64)
     return y, x
 
 
-def _conv_samples(name: str, module: nn.Module, x: Tensor, grads: List[Tensor], image_height: int) -> LayerSamples:
+def _conv_samples(name: str, module: nn.Module, x: Tensor, grads: List[Tensor], output_stride: int,
+                  batch_size: Tuple[int, int]) -> LayerSamples:
+    x = x.detach()
     offset, mask = conv_offsets_and_masks(module, x)
     groups, taps, _, out_h, out_w = offset.shape
     grid_y, grid_x = regular_grid(module, out_h, out_w, dtype=offset.dtype)
     ys = grid_y.to(offset.device) + offset[:, :, 0]
     xs = grid_x.to(offset.device) + offset[:, :, 1]
     feature_points = torch.stack((xs, ys), dim=-1).reshape(-1, 2)
+    # The layer's output is the c5 map (a spatial conv of the last stage); its input is S / stride.
+    check_c5_size(output_stride, batch_size, (out_h, out_w))
+    layer_stride = _pair(module.stride)
+    if layer_stride[0] != layer_stride[1] or output_stride % layer_stride[0]:
+        raise ValueError(f"{name}: stride {layer_stride} does not divide the c5 stride {output_stride}")
+    stride = output_stride // layer_stride[0]
 
     # d n / d (value sampled at tap k of output q) = m * W_k^T d n / d y(q), per conv group.
     conv_groups = int(getattr(module, "groups", 1))
     weight = module.weight.reshape(conv_groups, module.weight.shape[0] // conv_groups, -1, taps)
-    squared = 0
+    value_grads = []  # per output of the node: (G, C/G, K, Ho, Wo)
     for grad in grads:
         delta = grad[0].reshape(conv_groups, -1, out_h, out_w)
         value_grad = torch.einsum("gock,gohw->gckhw", weight, delta).reshape(groups, -1, taps, out_h, out_w)
-        squared = squared + (value_grad * mask[:, None]).square().sum(1)
-    stride = image_height / x.shape[-2]
+        value_grads.append(value_grad * mask[:, None])
+    strength = sum(g.square().sum(1) for g in value_grads).sqrt()
+    # d n / d location: per deformable group, its channels sampled at its points (zero border).
+    channels = x.shape[1] // groups
+    location = torch.cat([
+        _location_gradient(x[0, g * channels:(g + 1) * channels], feature_points.view(groups, -1, 2)[g],
+                           [v[g].reshape(channels, -1) for v in value_grads], border="zeros")
+        for g in range(groups)])
     return LayerSamples(name, type(module).__name__, "conv", feature_points, feature_points * stride,
-                        squared.sqrt().reshape(-1), (groups, taps, out_h, out_w), stride)
+                        strength.reshape(-1), location, (groups, taps, out_h, out_w), float(stride))
+
+
+def _location_gradient(plane: Tensor, points: Tensor, value_grads: List[Tensor], border: str) -> Tensor:
+    """(P,) ``sqrt(sum_j || d n_j / d point ||^2)`` for ``points`` (P, 2) x, y sampled bilinearly from
+    ``plane`` (C, H, W), given each node output's gradient w.r.t. the sampled values, (C, P) each.
+
+    border: "zeros" -- the DCN rule, corners outside the map read 0 (valid for -1 < y < H); "clamp"
+    -- the RoIAlign rule, coordinates clamped into the map, 0 beyond one pixel outside."""
+    channels, height, width = plane.shape
+    dtype = torch.promote_types(plane.dtype, torch.float32)
+    with torch.enable_grad():
+        xy = points.detach().to(dtype).clone().requires_grad_()
+        # align_corners=False: pixel index p <-> normalised (2p + 1) / size - 1 (works for size 1 too).
+        grid = torch.stack(((2 * xy[:, 0] + 1) / width - 1, (2 * xy[:, 1] + 1) / height - 1), dim=-1)
+        samples = nn.functional.grid_sample(plane[None].detach().to(dtype), grid[None, None], mode="bilinear",
+                                            padding_mode="zeros" if border == "zeros" else "border",
+                                            align_corners=False)[0, :, 0]
+        if border != "zeros":
+            inside = ((xy[:, 0] >= -1) & (xy[:, 0] <= width) & (xy[:, 1] >= -1) & (xy[:, 1] <= height)).detach()
+            samples = samples * inside.to(dtype)
+        squared = xy.new_zeros(xy.shape[0])
+        for j, value_grad in enumerate(value_grads):
+            (grad,) = torch.autograd.grad(samples, xy, value_grad.to(dtype), retain_graph=j + 1 < len(value_grads))
+            squared = squared + grad.square().sum(-1)
+    return squared.sqrt().detach().to(plane.dtype)
 
 
 def _conv_output_size(module: nn.Module, x: Tensor) -> Tuple[int, int]:
@@ -227,10 +280,16 @@ def _roi_samples(name: str, module: nn.Module, args, kwargs, grads: List[Tensor]
     points = roi_sample_points(rois[0], offset[0], output_size, scale, int(module.sampling_ratio),
                                float(getattr(module, "gamma", 0.1)), bool(getattr(module, "aligned", True)))
     out_h, out_w, samples_y, samples_x, _ = points.shape
+    count = samples_y * samples_x
     # d n / d (value of one sample of bin b) = m_b * d n / d y_b / n_b (the bin averages its samples).
-    squared = sum((mask[0] * grad[0]).square().sum(0) for grad in grads)
-    strength = (squared.sqrt() / (samples_y * samples_x))[:, :, None, None].expand(-1, -1, samples_y, samples_x)
+    value_grads = [(mask[0] * grad[0]) / count for grad in grads]  # (C, ph, pw) each
+    strength = sum(g.square().sum(0) for g in value_grads).sqrt()[:, :, None, None].expand(-1, -1, samples_y,
+                                                                                            samples_x)
     feature_points = points.reshape(-1, 2)
+    plane = features[int(rois[0, 0])].detach()
+    location = _location_gradient(
+        plane, feature_points, [g[:, :, :, None, None].expand(-1, -1, -1, samples_y, samples_x).reshape(g.shape[0], -1)
+                                for g in value_grads], border="clamp")
     stride = 1.0 / scale
     return LayerSamples(name, type(module).__name__, "roi", feature_points, (feature_points + 0.5) * stride - 0.5,
-                        strength.reshape(-1), tuple(points.shape[:4]), stride)
+                        strength.reshape(-1), location, tuple(points.shape[:4]), stride)

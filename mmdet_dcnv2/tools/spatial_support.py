@@ -9,7 +9,8 @@ sampling point with its strength, the saliency mask and every probe of its searc
 ``DIR/summary.json``. Node specs (see :mod:`mmdet_dcnv2.analysis.nodes`): ``conv:det0`` is the c5
 unit at the centre of the best detection, ``cls:det0`` / ``reg:det0`` its classification and
 box-regression nodes; ``conv:X,Y[#CHANNEL]`` and ``cls|reg:X1,Y1,X2,Y2[#CLASS]`` take original-image
-pixels. Two runs with the same explicit nodes (e.g. a regular and a DCNv2 model) compare with
+pixels. ``<node>`` carries the position or box and the channel or class (e.g. ``conv_x64_y32``,
+``cls_det0_c4``); two specs resolving to the same node are an error. Two runs with the same explicit nodes (e.g. a regular and a DCNv2 model) compare with
 ``python -P -m mmdet_dcnv2.tools.spatial_support_compare A.npz B.npz``.
 """
 
@@ -42,7 +43,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=16, help="masked images per forward pass")
     parser.add_argument("--score-thr", type=float, default=0.3, help="detections that count for det<N>")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's own choice)")
     parser.add_argument("--cfg-options", nargs="+", action=DictAction, help="mmengine config overrides")
     return parser.parse_args(argv)
 
@@ -83,9 +84,10 @@ def main(argv=None) -> Dict:
         for view in VIEWS:
             save_view(record, view, osp.join(out_dir, f"{node.name}_{view}.png"))
         results.append(summary(record))
-        print(f"{node.name}: {node.label}; saliency region {100 * results[-1]['saliency']['area_fraction']:.1f}% "
-              f"of the image, error {results[-1]['saliency']['error']:.3f}, "
-              f"{results[-1]['saliency']['forward_passes']} forward passes", flush=True)
+        saliency = results[-1]["saliency"]
+        print(f"{node.name}: {node.label}; saliency region {100 * saliency['area_fraction']:.1f}% of the image, "
+              f"error {saliency['error']:.3f}, {saliency['masked_images']} masked images in "
+              f"{saliency['forward_passes']} batched forward passes (the full image's included)", flush=True)
 
     report = {"config": args.config, "checkpoint": args.checkpoint, "image": args.image,
               "network_input_size": list(image.size), "scale_factor": list(image.scale_factor),

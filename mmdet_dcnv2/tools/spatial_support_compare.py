@@ -4,11 +4,14 @@
         --labels "regular ConvNet" DCNv2 --out compare.png
 
 Rows are the models, columns every panel of the three views (receptive field, one panel per sampling
-layer, saliency region), drawn from the npz files ``mmdet_dcnv2.tools.spatial_support`` writes.
+layer, saliency region), drawn from the npz files ``mmdet_dcnv2.tools.spatial_support`` writes. The
+title is the first record's node; a warning (stderr) says when the records are of different nodes
+(their labels differ -- e.g. a different class, or a position falling on another c5 unit) or images.
 """
 
 import argparse
 import os.path as osp
+import sys
 
 
 def main(argv=None) -> str:
@@ -33,6 +36,12 @@ def main(argv=None) -> str:
             parser.error(f"record {path!r} does not exist")
         with np.load(path) as data:
             records.append(dict(data))
+    for key, what in (("node_label", "node"), ("image_path", "image")):
+        values = [str(record[key]) for record in records]
+        if len(set(values)) > 1:
+            listing = "; ".join(f"{path}: {value}" for path, value in zip(args.records, values))
+            print(f"warning: the records are not of the same {what} ({listing}); the panels are not comparable "
+                  f"one to one", file=sys.stderr)
     save_comparison(records, labels, args.out, dpi=args.dpi)
     if args.colors:
         from PIL import Image  # matplotlib's own dependency
