@@ -61,7 +61,13 @@ def draw_saliency(ax, record: Dict) -> None:
     _mark_node(ax, record)
     _frame(ax, record, f"saliency region {100 * keep.mean():.0f}% of image\n"
                        f"error {float(record['saliency_error']):.3f} <= {float(record['saliency_max_error']):g}, "
-                       f"{int(record['saliency_forward_passes'])} fwd")
+                       f"{_masked_images(record)} masked imgs")
+
+
+def _masked_images(record: Dict) -> int:
+    if "saliency_masked_images" in record:
+        return int(record["saliency_masked_images"])
+    return int(record["saliency_forward_passes"]) - 1  # records written before the two counts were split
 
 
 def view_panels(record: Dict, view: str) -> List:

@@ -161,12 +161,12 @@ def c5_stride(model: nn.Module) -> int:
     for name, module in backbone.named_modules():
         if id(module) in in_stages or not isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
             continue
-        step = _pair(module.stride)
+        step = as_pair(module.stride)
         if step[0] != step[1]:
             raise ValueError(f"backbone.{name} has stride {step}; conv nodes need square strides")
         stride *= step[0]
     for step in strides[:len(stage_names)]:
-        step = _pair(step)
+        step = as_pair(step)
         if step[0] != step[1]:
             raise ValueError(f"backbone stage stride {step}; conv nodes need square strides")
         stride *= step[0]
@@ -183,7 +183,7 @@ def check_c5_size(stride: int, batch_size: Tuple[int, int], c5_size: Tuple[int, 
                          f"backbone (from its architecture) gives {expected}; cannot place conv nodes")
 
 
-def _pair(value) -> Tuple[int, int]:
+def as_pair(value) -> Tuple[int, int]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from .model import LoadedImage, normalise
-from .nodes import Node, check_c5_size
+from .nodes import Node, as_pair, check_c5_size
 
 
 @dataclass
@@ -139,7 +139,7 @@ def conv_offsets_and_masks(module: nn.Module, x: Tensor) -> Tuple[Tensor, Tensor
 
 def regular_grid(module: nn.Module, out_h: int, out_w: int, dtype=torch.float64) -> Tuple[Tensor, Tensor]:
     """(K, Ho, Wo) y and x of a convolution's fixed sampling grid in its input map."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (_pair(getattr(module, a)) for a in
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (as_pair(getattr(module, a)) for a in
                                               ("kernel_size", "stride", "padding", "dilation"))
     tap_y = (torch.arange(kh, dtype=dtype) * dh).repeat_interleave(kw)
     tap_x = (torch.arange(kw, dtype=dtype) * dw).repeat(kh)
@@ -161,7 +161,7 @@ def _conv_samples(name: str, module: nn.Module, x: Tensor, grads: List[Tensor], 
     feature_points = torch.stack((xs, ys), dim=-1).reshape(-1, 2)
     # The layer's output is the c5 map (a spatial conv of the last stage); its input is S / stride.
     check_c5_size(output_stride, batch_size, (out_h, out_w))
-    layer_stride = _pair(module.stride)
+    layer_stride = as_pair(module.stride)
     if layer_stride[0] != layer_stride[1] or output_stride % layer_stride[0]:
         raise ValueError(f"{name}: stride {layer_stride} does not divide the c5 stride {output_stride}")
     stride = output_stride // layer_stride[0]
@@ -213,13 +213,9 @@ def _location_gradient(plane: Tensor, points: Tensor, value_grads: List[Tensor],
 def _conv_output_size(module: nn.Module, x: Tensor) -> Tuple[int, int]:
     sizes = []
     for dim, size in enumerate(x.shape[-2:]):
-        k, s, p, d = (_pair(getattr(module, a))[dim] for a in ("kernel_size", "stride", "padding", "dilation"))
+        k, s, p, d = (as_pair(getattr(module, a))[dim] for a in ("kernel_size", "stride", "padding", "dilation"))
         sizes.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
     return tuple(sizes)
-
-
-def _pair(value) -> Tuple[int, int]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
 # ------------------------------------------------------------------------------------- RoI layers
@@ -230,7 +226,7 @@ def roi_offsets_and_masks(module: nn.Module, features: Tensor, rois: Tensor, sca
     (Modulated)DeformRoIPoolPack do; zeros and ones for RoIAlign."""
     from mmdet_dcnv2.ops import deform_roi_pool
 
-    out_h, out_w = _pair(module.output_size)
+    out_h, out_w = as_pair(module.output_size)
     count = rois.shape[0]
     if not hasattr(module, "offset_fc"):
         return rois.new_zeros(count, 2, out_h, out_w), rois.new_ones(count, out_h, out_w)
@@ -276,7 +272,7 @@ def _roi_samples(name: str, module: nn.Module, args, kwargs, grads: List[Tensor]
         raise ValueError(f"effective bin locations need an averaging RoI layer; {name} pools by "
                          f"{module.pool_mode!r}")
     offset, mask = roi_offsets_and_masks(module, features, rois[:1], scale)
-    output_size = _pair(module.output_size)
+    output_size = as_pair(module.output_size)
     points = roi_sample_points(rois[0], offset[0], output_size, scale, int(module.sampling_ratio),
                                float(getattr(module, "gamma", 0.1)), bool(getattr(module, "aligned", True)))
     out_h, out_w, samples_y, samples_x, _ = points.shape

@@ -10,7 +10,8 @@ sampling point with its strength, the saliency mask and every probe of its searc
 unit at the centre of the best detection, ``cls:det0`` / ``reg:det0`` its classification and
 box-regression nodes; ``conv:X,Y[#CHANNEL]`` and ``cls|reg:X1,Y1,X2,Y2[#CLASS]`` take original-image
 pixels. ``<node>`` carries the position or box and the channel or class (e.g. ``conv_x64_y32``,
-``cls_det0_c4``); two specs resolving to the same node are an error. Two runs with the same explicit nodes (e.g. a regular and a DCNv2 model) compare with
+``cls_det0_c4``); two specs resolving to the same node are an error. Two runs with the same explicit
+nodes (e.g. a regular and a DCNv2 model) compare with
 ``python -P -m mmdet_dcnv2.tools.spatial_support_compare A.npz B.npz``.
 """
 
@@ -40,7 +41,7 @@ def parse_args(argv=None):
                              f"(original-image pixels; default: {' '.join(DEFAULT_NODES)})")
     parser.add_argument("--max-error", type=float, default=0.1, help="relative error bound of the saliency region")
     parser.add_argument("--cell", type=int, default=4, help="saliency search granularity, in pixels")
-    parser.add_argument("--batch-size", type=int, default=16, help="masked images per forward pass")
+    parser.add_argument("--batch-size", type=int, default=16, help="masked images per batched forward pass")
     parser.add_argument("--score-thr", type=float, default=0.3, help="detections that count for det<N>")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's own choice)")
