@@ -90,6 +90,21 @@ void check_deform_conv_grad_output(const at::Tensor& grad_output, const at::Tens
                     shape_str(shape), ", got ", shape_str(grad_output.sizes()));
 }
 
+ConvOperands deform_conv_operands(const at::Tensor& input, const at::Tensor& offset,
+                                  const std::optional<at::Tensor>& mask, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                  int64_t deform_groups) {
+  const ConvGeometry g =
+      check_deform_conv_args(input, offset, mask, weight, bias, stride, padding, dilation, groups, deform_groups);
+  return {g,
+          input.contiguous(),
+          offset.contiguous(),
+          mask.has_value() ? mask->contiguous() : at::Tensor(),
+          weight.contiguous(),
+          bias.has_value() ? std::optional(bias->contiguous()) : std::nullopt};
+}
+
 namespace {
 // 256 MiB of columns: c3 of an 800x1216 R-50 needs 70 MB per float32 image, so typical batches run
 // in one chunk while a large batch of large images cannot exhaust memory.
@@ -162,24 +177,27 @@ struct ColumnMatrix {
 };
 
 // The weight as (C_out, C_in/groups * taps) rows in the order of the columns' rows: (c, k) as stored
-// for the channel-major layout, (k, c) for the pixel-major one.
-at::Tensor weight_in_column_order(const at::Tensor& weight, ColumnLayout layout) {
-  const int64_t out_channels = weight.size(0), in_per_group = weight.size(1);
-  if (layout == ColumnLayout::kChannelMajor) return weight.view({out_channels, -1});
-  return weight.view({out_channels, in_per_group, -1}).transpose(1, 2).reshape({out_channels, -1});
+// for the channel-major layout, (k, c) for the pixel-major one. (Explicit sizes: C_in may be 0.)
+at::Tensor weight_in_column_order(const at::Tensor& weight, const ConvGeometry& g, ColumnLayout layout) {
+  if (layout == ColumnLayout::kChannelMajor) return weight.view({g.out_channels, g.in_per_group() * g.taps()});
+  return weight.view({g.out_channels, g.in_per_group(), g.taps()})
+      .transpose(1, 2)
+      .reshape({g.out_channels, g.in_per_group() * g.taps()});
 }
 
 // Back from the column order to the weight's (C_out, C_in/groups, kh, kw).
-at::Tensor weight_from_column_order(const at::Tensor& rows, const at::Tensor& weight, ColumnLayout layout) {
+at::Tensor weight_from_column_order(const at::Tensor& rows, const at::Tensor& weight, const ConvGeometry& g,
+                                    ColumnLayout layout) {
   if (layout == ColumnLayout::kChannelMajor) return rows.view(weight.sizes());
-  const int64_t out_channels = weight.size(0), in_per_group = weight.size(1);
-  return rows.view({out_channels, -1, in_per_group}).transpose(1, 2).contiguous().view(weight.sizes());
+  return rows.view({g.out_channels, g.taps(), g.in_per_group()}).transpose(1, 2).contiguous().view(weight.sizes());
 }
 
 }  // namespace
 
-at::Tensor deform_conv_forward(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight,
-                               const std::optional<at::Tensor>& bias, ColumnKernels& kernels) {
+at::Tensor deform_conv_forward(const ConvOperands& op, ColumnKernels& kernels) {
+  const ConvGeometry& g = op.g;
+  const at::Tensor &input = op.input, &weight = op.weight;
+  const std::optional<at::Tensor>& bias = op.bias;
   at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options());
   if (g.batch == 0 || g.out_channels == 0) return output;
   if (g.in_channels == 0) {  // an empty sum: the bias alone
@@ -188,7 +206,7 @@ at::Tensor deform_conv_forward(const ConvGeometry& g, const at::Tensor& input, c
   const auto tiles = column_tiles(g, input.element_size(), kernels.preferred_tile_bytes());
   const int64_t max_cols = tiles.front().cols(), rows = g.in_channels * g.taps();
   const ColumnLayout layout = kernels.layout();
-  const at::Tensor weight_rows = weight_in_column_order(weight, layout);
+  const at::Tensor weight_rows = weight_in_column_order(weight, g, layout);
   at::Tensor columns = at::empty({rows * max_cols}, input.options());
   at::Tensor out_buf = tiles.front().count > 1 ? at::empty({g.out_channels * max_cols}, input.options()) : at::Tensor();
 
@@ -217,9 +235,9 @@ at::Tensor deform_conv_forward(const ConvGeometry& g, const at::Tensor& input, c
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
-    const ConvGeometry& g, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& offset,
-    const std::optional<at::Tensor>& mask, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    std::array<bool, 3> output_mask, ColumnKernels& kernels) {
+    const ConvOperands& op, const at::Tensor& grad_output, std::array<bool, 3> output_mask, ColumnKernels& kernels) {
+  const ConvGeometry& g = op.g;
+  const at::Tensor &input = op.input, &weight = op.weight;
   const bool need_input = output_mask[0], need_offset = output_mask[1], need_weight = output_mask[2];
   const auto opts = input.options();
   const auto acc_dtype = at::toOpMathType(input.scalar_type());
@@ -228,17 +246,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
 
   ConvGrads grads;
   if (need_input) grads.input = at::zeros(input.sizes(), acc_opts);
-  if (need_offset) grads.offset = at::zeros(offset.sizes(), acc_opts);
-  if (need_offset && mask.has_value()) grads.mask = at::zeros(mask->sizes(), acc_opts);
+  if (need_offset) grads.offset = at::zeros(op.offset.sizes(), acc_opts);
+  if (need_offset && op.mask.defined()) grads.mask = at::zeros(op.mask.sizes(), acc_opts);
+  const ColumnLayout layout = kernels.layout();
+  const at::Tensor weight_rows = weight_in_column_order(weight, g, layout);
   // Accumulated in the columns' row order, turned back into the weight's layout at the end.
-  at::Tensor grad_weight_rows;
+  at::Tensor grad_weight_rows = need_weight ? at::zeros(weight_rows.sizes(), acc_opts) : at::Tensor();
 
   if (g.batch > 0 && g.out_channels > 0 && g.in_channels > 0 && (need_input || need_offset || need_weight)) {
     const auto tiles = column_tiles(g, input.element_size(), kernels.preferred_tile_bytes());
     const int64_t max_cols = tiles.front().cols(), rows = g.in_channels * g.taps();
-    const ColumnLayout layout = kernels.layout();
-    const at::Tensor weight_rows = weight_in_column_order(weight, layout);
-    if (need_weight) grad_weight_rows = at::zeros(weight_rows.sizes(), acc_opts);
     at::Tensor columns = need_weight ? at::empty({rows * max_cols}, opts) : at::Tensor();
     at::Tensor grad_columns = need_input || need_offset ? at::empty({rows * max_cols}, opts) : at::Tensor();
     for (const ColumnTile& tile : tiles) {
@@ -264,11 +281,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     }
     kernels.finish_backward(grads);
   }
-  at::Tensor grad_weight =
-      grad_weight_rows.defined() ? weight_from_column_order(grad_weight_rows, weight, kernels.layout()) : at::Tensor();
-  if (need_weight && !grad_weight.defined()) grad_weight = at::zeros(weight.sizes(), acc_opts);
+  const at::Tensor grad_weight =
+      need_weight ? weight_from_column_order(grad_weight_rows, weight, g, layout) : at::Tensor();
   auto finish = [&](const at::Tensor& acc) { return acc.defined() ? acc.to(input.scalar_type()) : none(); };
-  at::Tensor grad_bias = need_weight && bias.has_value()
+  at::Tensor grad_bias = need_weight && op.bias.has_value()
                              ? grad_output.sum({0, 2, 3}, /*keepdim=*/false, acc_dtype).to(input.scalar_type())
                              : none();
   return {finish(grads.input), finish(grads.offset), finish(grads.mask), finish(grad_weight), grad_bias};

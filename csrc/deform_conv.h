@@ -38,6 +38,21 @@ ConvGeometry check_deform_conv_args(const at::Tensor& input, const at::Tensor& o
 // The backward additionally checks grad_output against the forward's output shape.
 void check_deform_conv_grad_output(const at::Tensor& grad_output, const at::Tensor& input, const ConvGeometry& g);
 
+// A call's operands, checked by check_deform_conv_args and made contiguous: what every backend's entry
+// point starts from. `mask` is undefined where none was given (DCNv1).
+struct ConvOperands {
+  ConvGeometry g;
+  at::Tensor input, offset, mask, weight;
+  std::optional<at::Tensor> bias;
+
+};
+
+ConvOperands deform_conv_operands(const at::Tensor& input, const at::Tensor& offset,
+                                  const std::optional<at::Tensor>& mask, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                  int64_t deform_groups);
+
 // Reads/sets the budget in bytes of the column buffer (set with a value >= 0; returns the previous).
 int64_t column_budget_bytes(int64_t new_value = -1);
 
@@ -84,13 +99,11 @@ class ColumnKernels {
 };
 
 // The device-independent part: tiling the batch under the column budget and the GEMMs with the
-// weight. Tensors must be contiguous and checked.
-at::Tensor deform_conv_forward(const ConvGeometry& g, const at::Tensor& input, const at::Tensor& weight,
-                               const std::optional<at::Tensor>& bias, ColumnKernels& kernels);
+// weight.
+at::Tensor deform_conv_forward(const ConvOperands& op, ColumnKernels& kernels);
 
+// grad_output must be contiguous and checked (check_deform_conv_grad_output).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_conv_backward(
-    const ConvGeometry& g, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& offset,
-    const std::optional<at::Tensor>& mask, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    std::array<bool, 3> output_mask, ColumnKernels& kernels);
+    const ConvOperands& op, const at::Tensor& grad_output, std::array<bool, 3> output_mask, ColumnKernels& kernels);
 
 }  // namespace mmdet_dcnv2

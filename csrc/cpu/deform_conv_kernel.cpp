@@ -118,6 +118,13 @@ struct Plan {
   void weights(int64_t i, acc_t out[4]) const {
     for (int j = 0; j < 4; ++j) out[j] = w[j][i];
   }
+  // The weights of a modulated sample: the mask applied here where the plan keeps it apart.
+  void modulated_weights(int64_t i, acc_t out[4]) const {
+    weights(i, out);
+    if (!mask.empty()) {
+      for (int j = 0; j < 4; ++j) out[j] *= mask[i];
+    }
+  }
 };
 
 template <typename scalar_t>
@@ -166,10 +173,7 @@ class CpuColumns final : public ColumnKernels {
         for (int64_t row = 0; row < rows; ++row) {
           const int64_t e = q * rows + row;
           acc_t w[4];
-          plan_.weights(e, w);
-          if (!fold_mask_) {
-            for (auto& wj : w) wj *= plan_.mask[e];
-          }
+          plan_.modulated_weights(e, w);
           const scalar_t* corner = x + int64_t(plan_.base[e]) * g_.in_channels;
           for_each_channel_run(row, 0, g_.in_channels, [&](int64_t c0, int64_t c1, int64_t position) {
             sample_channels<scalar_t, acc_t>(corner + c0, c1 - c0, g_.in_channels, down(), w,
@@ -256,8 +260,7 @@ class CpuColumns final : public ColumnKernels {
             const int64_t e = q * rows + row;
             if (plan_.base[e] == 0) continue;  // outside the map: all four corners are padding
             acc_t w[4];
-            plan_.weights(e, w);
-            for (auto& wj : w) wj *= plan_.mask[e];
+            plan_.modulated_weights(e, w);
             acc_t* corner = gx + int64_t(plan_.base[e]) * g_.in_channels;
             for_each_channel_run(row, lo, hi, [&](int64_t c0, int64_t c1, int64_t position) {
               scatter_channels<scalar_t, acc_t>(grad_columns + q * row_len + position, c1 - c0, g_.in_channels,
@@ -298,7 +301,10 @@ class CpuColumns final : public ColumnKernels {
           acc_t* go = grad_offset + (n * 2 * rows + 2 * row) * pixels + p;
           go[0] = dy * m;
           go[pixels] = dx * m;
-          if (grad_mask) grad_mask[(n * rows + row) * pixels + p] = w[0] * dots[0] + w[1] * dots[1] + w[2] * dots[2] + w[3] * dots[3];
+          if (grad_mask) {
+            grad_mask[(n * rows + row) * pixels + p] =
+                w[0] * dots[0] + w[1] * dots[1] + w[2] * dots[2] + w[3] * dots[3];
+          }
         }
       }
     });
@@ -314,39 +320,33 @@ class CpuColumns final : public ColumnKernels {
   Plan<acc_t> plan_;
 };
 
-at::Tensor forward_cpu(const at::Tensor& input_, const at::Tensor& offset_, const std::optional<at::Tensor>& mask_,
-                       const at::Tensor& weight_, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& offset, const std::optional<at::Tensor>& mask,
+                       const at::Tensor& weight, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t deform_groups) {
-  const ConvGeometry g =
-      check_deform_conv_args(input_, offset_, mask_, weight_, bias, stride, padding, dilation, groups, deform_groups);
-  const at::Tensor input = input_.contiguous(), offset = offset_.contiguous(), weight = weight_.contiguous();
-  const at::Tensor mask = mask_.has_value() ? mask_->contiguous() : at::Tensor();
-  const std::optional<at::Tensor> bias_c = bias.has_value() ? std::optional(bias->contiguous()) : std::nullopt;
+  const ConvOperands op =
+      deform_conv_operands(input, offset, mask, weight, bias, stride, padding, dilation, groups, deform_groups);
   at::Tensor output;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "modulated_deform_conv2d_cpu", [&] {
-    CpuColumns<scalar_t> kernels(g, input, offset, mask, /*fold_mask=*/true);
-    output = deform_conv_forward(g, input, weight, bias_c, kernels);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.input.scalar_type(), "modulated_deform_conv2d_cpu",
+                                  [&] {
+    CpuColumns<scalar_t> kernels(op.g, op.input, op.offset, op.mask, /*fold_mask=*/true);
+    output = deform_conv_forward(op, kernels);
   });
   return output;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& input_, const at::Tensor& offset_,
-    const std::optional<at::Tensor>& mask_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias,
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& offset,
+    const std::optional<at::Tensor>& mask, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t deform_groups,
     std::array<bool, 3> output_mask) {
-  const ConvGeometry g =
-      check_deform_conv_args(input_, offset_, mask_, weight_, bias, stride, padding, dilation, groups, deform_groups);
-  check_deform_conv_grad_output(grad_output, input_, g);
-  const at::Tensor input = input_.contiguous(), offset = offset_.contiguous(), weight = weight_.contiguous();
-  const at::Tensor mask = mask_.has_value() ? mask_->contiguous() : at::Tensor();
+  const ConvOperands op =
+      deform_conv_operands(input, offset, mask, weight, bias, stride, padding, dilation, groups, deform_groups);
+  check_deform_conv_grad_output(grad_output, op.input, op.g);
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grads;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "modulated_deform_conv2d_backward_cpu",
-                                  [&] {
-    CpuColumns<scalar_t> kernels(g, input, offset, mask, /*fold_mask=*/false);
-    grads = deform_conv_backward(g, grad_output.contiguous(), input, offset,
-                                 mask.defined() ? std::optional(mask) : std::nullopt, weight, bias, output_mask,
-                                 kernels);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.input.scalar_type(),
+                                  "modulated_deform_conv2d_backward_cpu", [&] {
+    CpuColumns<scalar_t> kernels(op.g, op.input, op.offset, op.mask, /*fold_mask=*/false);
+    grads = deform_conv_backward(op, grad_output.contiguous(), output_mask, kernels);
   });
   return grads;
 }

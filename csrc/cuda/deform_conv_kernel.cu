@@ -206,44 +206,38 @@ class CudaColumns final : public ColumnKernels {
   bool wide_index_ = false;
 };
 
-at::Tensor forward_cuda(const at::Tensor& input_, const at::Tensor& offset_, const std::optional<at::Tensor>& mask_,
-                        const at::Tensor& weight_, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+at::Tensor forward_cuda(const at::Tensor& input, const at::Tensor& offset, const std::optional<at::Tensor>& mask,
+                        const at::Tensor& weight, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t deform_groups) {
-  const ConvGeometry g =
-      check_deform_conv_args(input_, offset_, mask_, weight_, bias, stride, padding, dilation, groups, deform_groups);
-  const c10::cuda::CUDAGuard guard(input_.device());
-  const at::Tensor input = input_.contiguous(), offset = offset_.contiguous(), weight = weight_.contiguous();
-  const at::Tensor mask = mask_.has_value() ? mask_->contiguous() : at::Tensor();
-  const std::optional<at::Tensor> bias_c = bias.has_value() ? std::optional(bias->contiguous()) : std::nullopt;
+  const c10::cuda::CUDAGuard guard(input.device());
+  const ConvOperands op =
+      deform_conv_operands(input, offset, mask, weight, bias, stride, padding, dilation, groups, deform_groups);
   at::Tensor output;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "modulated_deform_conv2d_cuda", [&] {
-    CudaColumns<scalar_t> kernels(g, input, offset, mask);
-    output = deform_conv_forward(g, input, weight, bias_c, kernels);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.input.scalar_type(), "modulated_deform_conv2d_cuda",
+                                  [&] {
+    CudaColumns<scalar_t> kernels(op.g, op.input, op.offset, op.mask);
+    output = deform_conv_forward(op, kernels);
   });
   return output;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& input_, const at::Tensor& offset_,
-    const std::optional<at::Tensor>& mask_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias,
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& offset,
+    const std::optional<at::Tensor>& mask, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t deform_groups,
     std::array<bool, 3> output_mask) {
-  const ConvGeometry g =
-      check_deform_conv_args(input_, offset_, mask_, weight_, bias, stride, padding, dilation, groups, deform_groups);
-  check_deform_conv_grad_output(grad_output, input_, g);
-  const c10::cuda::CUDAGuard guard(input_.device());
-  const at::Tensor input = input_.contiguous(), offset = offset_.contiguous(), weight = weight_.contiguous();
-  const at::Tensor mask = mask_.has_value() ? mask_->contiguous() : at::Tensor();
+  const c10::cuda::CUDAGuard guard(input.device());
+  const ConvOperands op =
+      deform_conv_operands(input, offset, mask, weight, bias, stride, padding, dilation, groups, deform_groups);
+  check_deform_conv_grad_output(grad_output, op.input, op.g);
   if (output_mask[0]) {  // the input gradient is a scatter with atomics
     at::globalContext().alertNotDeterministic("mmdet_dcnv2::modulated_deform_conv2d_backward (CUDA, grad of input)");
   }
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grads;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.input.scalar_type(),
                                   "modulated_deform_conv2d_backward_cuda", [&] {
-    CudaColumns<scalar_t> kernels(g, input, offset, mask);
-    grads = deform_conv_backward(g, grad_output.contiguous(), input, offset,
-                                 mask.defined() ? std::optional(mask) : std::nullopt, weight, bias, output_mask,
-                                 kernels);
+    CudaColumns<scalar_t> kernels(op.g, op.input, op.offset, op.mask);
+    grads = deform_conv_backward(op, grad_output.contiguous(), output_mask, kernels);
   });
   return grads;
 }
