@@ -14,11 +14,13 @@ from ..roi_heads import RCNNMimicRoIHead
 
 
 class MimicDetectorMixin:
-    """``loss`` runs the two-stage loss with the images available to the mimic head."""
+    """Checks at build time that the RoI head mimics; ``loss`` runs the two-stage loss with the images
+    available to it."""
 
     stock_type = "TwoStageDetector"  # named in errors: the detector to use without mimicking
 
-    def _check_mimic_head(self) -> None:
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         if not isinstance(self.roi_head, RCNNMimicRoIHead):
             raise TypeError(f"{type(self).__name__}: roi_head must be an RCNNMimicRoIHead, got "
                             f"{type(self.roi_head).__name__} (without mimicking, use {self.stock_type})")
@@ -34,10 +36,6 @@ class MimicFasterRCNN(MimicDetectorMixin, FasterRCNN):
 
     stock_type = "FasterRCNN"
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._check_mimic_head()
-
 
 @MODELS.register_module()
 class MimicMaskRCNN(MimicDetectorMixin, MaskRCNN):
@@ -45,7 +43,3 @@ class MimicMaskRCNN(MimicDetectorMixin, MaskRCNN):
     paper); a MaskRCNN at inference."""
 
     stock_type = "MaskRCNN"
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._check_mimic_head()
