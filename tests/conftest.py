@@ -41,6 +41,18 @@ DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_MARKS, id="cuda")]
 
 
 @pytest.fixture
+def mmdet_scope():
+    """mmdet's modules registered and its default scope current, as under the Runner and mmdet's tools
+    (so that stock names resolve through mmdet's registry, where mmdet_dcnv2 registers its layers)."""
+    from mmdet.utils import register_all_modules
+    from mmengine.registry import DefaultScope
+
+    register_all_modules(init_default_scope=False)
+    with DefaultScope.overwrite_default_scope("mmdet"):
+        yield
+
+
+@pytest.fixture
 def gen() -> torch.Generator:
     """A CPU generator with a fixed seed, fresh for every test (tests do not depend on their order)."""
     return torch.Generator().manual_seed(SEED)

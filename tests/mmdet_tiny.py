@@ -7,6 +7,7 @@ branches, 64x64 images. Everything is expressed as mmengine ``--cfg-options`` so
 serve in-process configs and the ``mim``/``tools`` command lines.
 """
 
+import importlib.util
 import json
 import os
 from typing import Dict, List
@@ -16,6 +17,10 @@ import torch
 from mmengine.config import Config
 
 CUSTOM_IMPORTS = "custom_imports = dict(imports=['mmdet_dcnv2'], allow_failed_imports=False)\n"
+# Our configs/dcnv2 as installed (inside the package, where mim finds them). Located without
+# importing mmdet_dcnv2: processes that must run without the plugin use these helpers too.
+OUR_CONFIGS = os.path.join(os.path.dirname(importlib.util.find_spec("mmdet_dcnv2").origin), ".mim", "configs",
+                           "dcnv2")
 CHANNELS = 32
 IMAGE_SIZE = 64
 CATEGORIES = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}]
@@ -86,6 +91,14 @@ def tiny_model_options(cfg: Config) -> Dict[str, object]:
         options["model.roi_head.mask_head.in_channels"] = c
         options["model.roi_head.mask_head.conv_out_channels"] = c
     return options
+
+
+def tiny_config(name: str, **extra) -> Config:
+    """Our config ``name`` (of OUR_CONFIGS) shrunk by tiny_model_options, then ``extra`` merged."""
+    cfg = Config.fromfile(os.path.join(OUR_CONFIGS, f"{name}.py"))
+    cfg.merge_from_dict(tiny_model_options(cfg))
+    cfg.merge_from_dict(extra)
+    return cfg
 
 
 def tiny_data_options(cfg: Config, data_root: str, work_dir: str = None) -> Dict[str, object]:

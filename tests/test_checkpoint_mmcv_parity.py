@@ -14,8 +14,6 @@ import torch
 mmdet = pytest.importorskip("mmdet")
 pytest.importorskip("mmcv.ops")
 
-from mmdet.utils import register_all_modules  # noqa: E402
-from mmengine.registry import DefaultScope  # noqa: E402
 from mmengine.runner import load_checkpoint, save_checkpoint  # noqa: E402
 
 from mmdet_tiny import write_config  # noqa: E402
@@ -84,11 +82,7 @@ print(json.dumps(report))
 exec(COMMON)  # build, perturb, outputs for our side (the same code the subprocess runs)
 
 
-@pytest.fixture(autouse=True)
-def mmdet_scope():
-    register_all_modules(init_default_scope=False)
-    with DefaultScope.overwrite_default_scope("mmdet"):
-        yield
+pytestmark = pytest.mark.usefixtures("mmdet_scope")
 
 
 def test_checkpoints_cross_between_mmcv_and_ours(tmp_path):

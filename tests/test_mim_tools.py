@@ -17,11 +17,10 @@ pytest.importorskip("mim")
 
 from mmengine.config import Config  # noqa: E402
 
-from mmdet_tiny import as_cfg_options, make_tiny_coco, tiny_options  # noqa: E402
+from mmdet_tiny import OUR_CONFIGS, as_cfg_options, make_tiny_coco, tiny_options  # noqa: E402
 
 import mmdet_dcnv2  # noqa: E402
 
-OUR_CONFIGS = os.path.join(os.path.dirname(mmdet_dcnv2.__file__), ".mim", "configs", "dcnv2")
 MMDET_TOOLS = os.path.join(os.path.dirname(mmdet.__file__), ".mim", "tools")
 MIM = shutil.which("mim", path=os.path.dirname(sys.executable)) or shutil.which("mim")
 NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(OUR_CONFIGS, "*.py")))

@@ -12,19 +12,15 @@ pytest.importorskip("mmdet")
 from mmdet.registry import MODELS  # noqa: E402
 from mmdet.structures.bbox import HorizontalBoxes  # noqa: E402
 from mmdet.testing import demo_mm_inputs  # noqa: E402
-from mmdet.utils import register_all_modules  # noqa: E402
 from mmengine.config import Config  # noqa: E402
-from mmengine.registry import DefaultScope  # noqa: E402
 from mmengine.runner import Runner, load_checkpoint  # noqa: E402
 from torchvision.ops import roi_align  # noqa: E402
 
-from mmdet_tiny import make_tiny_coco, rpn_proposals_in_float32, tiny_model_options, tiny_options  # noqa: E402
+from mmdet_tiny import OUR_CONFIGS, make_tiny_coco, rpn_proposals_in_float32, tiny_config, tiny_options  # noqa: E402
 
-import mmdet_dcnv2  # noqa: E402
 from mmdet_dcnv2.models import MDConv, MDPool, MimicFasterRCNN, MimicMaskRCNN, RCNNMimicRoIHead  # noqa: E402
 from mmdet_dcnv2.models.roi_heads import crop_and_resize, pool_patches, rcnn_mimic_roi_head, shared_fc_features  # noqa: E402,E501
 
-OUR_CONFIGS = os.path.join(os.path.dirname(mmdet_dcnv2.__file__), ".mim", "configs", "dcnv2")
 FASTER = "faster_rcnn_r50_fpn_mdconv_c3-c5_mdpool_mimic_1x_coco"
 MASK = "mask_rcnn_r50_fpn_mdconv_c3-c5_mdpool_mimic_1x_coco"
 REGULAR = "faster_rcnn_r50_fpn_mimic_1x_coco"
@@ -32,18 +28,11 @@ REGULAR = "faster_rcnn_r50_fpn_mimic_1x_coco"
 SMALL_MIMIC = {"model.roi_head.crop_size": 32, "model.roi_head.num_rois": 4}
 
 
-@pytest.fixture(autouse=True)
-def mmdet_scope():
-    register_all_modules(init_default_scope=False)
-    with DefaultScope.overwrite_default_scope("mmdet"):
-        yield
+pytestmark = pytest.mark.usefixtures("mmdet_scope")
 
 
 def _cfg(name, **extra):
-    cfg = Config.fromfile(os.path.join(OUR_CONFIGS, f"{name}.py"))
-    cfg.merge_from_dict(tiny_model_options(cfg))
-    cfg.merge_from_dict({**(SMALL_MIMIC if "mimic" in name else {}), **extra})
-    return cfg
+    return tiny_config(name, **{**(SMALL_MIMIC if "mimic" in name else {}), **extra})
 
 
 def _build(name, seed=0, **extra):

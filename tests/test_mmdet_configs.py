@@ -12,32 +12,17 @@ pytest.importorskip("mmdet")
 
 from mmdet.registry import MODELS  # noqa: E402
 from mmdet.testing import demo_mm_inputs  # noqa: E402
-from mmdet.utils import register_all_modules  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.optim import build_optim_wrapper  # noqa: E402
-from mmengine.registry import DefaultScope  # noqa: E402
 
-from mmdet_tiny import rpn_proposals_in_float32, tiny_model_options, write_config  # noqa: E402
+from mmdet_tiny import OUR_CONFIGS, rpn_proposals_in_float32, tiny_config, tiny_model_options, write_config  # noqa: E402,E501
 
-import mmdet_dcnv2  # noqa: E402
 from mmdet_dcnv2.models import MDConv, MDPool  # noqa: E402
 
-OUR_CONFIGS = os.path.join(os.path.dirname(mmdet_dcnv2.__file__), ".mim", "configs", "dcnv2")
 PAPER = ["faster_rcnn_r50_fpn_mdconv_c3-c5_mdpool_1x_coco", "mask_rcnn_r50_fpn_mdconv_c3-c5_mdpool_1x_coco"]
 
 
-@pytest.fixture(autouse=True)
-def mmdet_scope():
-    register_all_modules(init_default_scope=False)
-    with DefaultScope.overwrite_default_scope("mmdet"):
-        yield
-
-
-def _tiny(name, **extra):
-    cfg = Config.fromfile(os.path.join(OUR_CONFIGS, f"{name}.py"))
-    cfg.merge_from_dict(tiny_model_options(cfg))
-    cfg.merge_from_dict(extra)
-    return cfg
+pytestmark = pytest.mark.usefixtures("mmdet_scope")
 
 
 def _step(model, autocast=False):
@@ -67,7 +52,7 @@ def test_every_config_states_the_stock_file_it_inherits():
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(OUR_CONFIGS, "*.py"))), ids=os.path.basename)
 def test_config_builds_our_layers(path):
     name = os.path.basename(path)[:-3]
-    model = MODELS.build(_tiny(name).model)
+    model = MODELS.build(tiny_config(name).model)
     mdconvs = [m for m in model.modules() if isinstance(m, MDConv)]
     pools = [m for m in model.modules() if isinstance(m, MDPool)]
     assert len(mdconvs) == (13 if "mdconv" in name else 0)
@@ -79,7 +64,7 @@ def test_config_builds_our_layers(path):
 
 @pytest.mark.parametrize("name", PAPER + [name.replace("_1x", "_mimic_1x") for name in PAPER])
 def test_paper_configs_train_offset_convs_at_a_tenth_of_the_rate(name):
-    cfg = _tiny(name)
+    cfg = tiny_config(name)
     model = MODELS.build(cfg.model)
     optimizer = build_optim_wrapper(model, cfg.optim_wrapper).optimizer
     base_lr = cfg.optim_wrapper.optimizer.lr
@@ -94,7 +79,7 @@ def test_paper_configs_train_offset_convs_at_a_tenth_of_the_rate(name):
 
 def test_paper_mask_rcnn_trains_a_step_under_cpu_autocast_bfloat16():
     torch.manual_seed(0)
-    model = MODELS.build(_tiny(PAPER[1]).model)
+    model = MODELS.build(tiny_config(PAPER[1]).model)
     rpn_proposals_in_float32(model.rpn_head)
     dtypes = set()
     for layer in model.modules():
@@ -114,7 +99,7 @@ def test_paper_mask_rcnn_trains_a_step_under_cpu_autocast_bfloat16():
      "output_channels=256 but the extractor's out_channels is 32"),
 ])
 def test_bad_config_input_fails_at_build_time(change, error, message):
-    cfg = _tiny(PAPER[0], **change)
+    cfg = tiny_config(PAPER[0], **change)
     with pytest.raises(error, match=message):
         MODELS.build(cfg.model)
 

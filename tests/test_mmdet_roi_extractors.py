@@ -8,19 +8,13 @@ pytest.importorskip("mmdet")
 mmcv_ops = pytest.importorskip("mmcv.ops")
 
 from mmdet.registry import MODELS  # noqa: E402
-from mmdet.utils import register_all_modules  # noqa: E402
-from mmengine.registry import DefaultScope  # noqa: E402
 
 from mmdet_dcnv2.models import MDPool, RegistryGenericRoIExtractor, RegistrySingleRoIExtractor  # noqa: E402
 
 STRIDES = [4, 8, 16, 32]
 
 
-@pytest.fixture(autouse=True)
-def mmdet_scope():
-    register_all_modules(init_default_scope=False)
-    with DefaultScope.overwrite_default_scope("mmdet"):
-        yield
+pytestmark = pytest.mark.usefixtures("mmdet_scope")
 
 
 def _extractor(roi_layer, out_channels=8, **kwargs):

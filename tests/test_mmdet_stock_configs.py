@@ -15,10 +15,8 @@ mmcv_ops = pytest.importorskip("mmcv.ops")
 
 from mmdet.registry import MODELS  # noqa: E402
 from mmdet.testing import demo_mm_inputs  # noqa: E402
-from mmdet.utils import register_all_modules  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.logging import MessageHub  # noqa: E402
-from mmengine.registry import DefaultScope  # noqa: E402
 
 from mmdet_tiny import write_config  # noqa: E402
 
@@ -63,11 +61,7 @@ def _load(tmp_path, stock):
     return cfg
 
 
-@pytest.fixture(autouse=True)
-def mmdet_scope():
-    register_all_modules(init_default_scope=False)
-    with DefaultScope.overwrite_default_scope("mmdet"):  # as the Runner and mmdet's tools do
-        yield
+pytestmark = pytest.mark.usefixtures("mmdet_scope")
 
 
 def test_the_list_is_complete():
