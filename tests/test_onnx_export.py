@@ -40,14 +40,15 @@ def test_layer_exports_to_deform_conv(name, groups, deform_groups, stride, paddi
     from mmdet_dcnv2.models import layers
 
     torch.manual_seed(0)
-    layer = getattr(layers, name)(8, 6, 3, stride=stride, padding=padding, dilation=dilation, groups=groups,
+    layer = getattr(layers, name)(4, 6, 3, stride=stride, padding=padding, dilation=dilation, groups=groups,
                                   deform_groups=deform_groups, bias=bias).eval()
     with torch.no_grad():  # the offset conv starts at zero: give it offsets of a few pixels and masks != 0.5
         torch.nn.init.normal_(layer.conv_offset.weight, std=0.3)
         torch.nn.init.normal_(layer.conv_offset.bias, std=1.0)
         if bias:
             torch.nn.init.normal_(layer.bias)
-    sizes = [(2, 8, 11, 9), (1, 8, 14, 17)]
+    # Small maps: onnx's reference evaluator runs DeformConv in Python loops.
+    sizes = [(2, 4, 9, 7), (1, 4, 6, 11)]
     model = _checked(export(layer, (torch.randn(*sizes[0]),), dynamic_shapes={
         "x": {0: Dim("batch"), 2: Dim("height"), 3: Dim("width")}}, opset_version=opset))
     assert [n.op_type for n in model.graph.node].count("DeformConv") == 1
