@@ -11,7 +11,8 @@
 namespace mmdet_dcnv2 {
 namespace {
 
-// Sets the knobs and clears the launch log. max_blocks <= 0: no cap beyond the CUDA build's.
+// Sets the knobs, clears the launch log and restarts the launch count (so the same seed and the
+// same sequence of launches give the same block orders). max_blocks <= 0: no cap beyond the CUDA build's.
 void set_emulation(int64_t seed, int64_t max_blocks, int64_t multiprocessors, bool force_wide_index) {
   TORCH_CHECK_VALUE(multiprocessors >= 1, "multiprocessors must be >= 1, got ", multiprocessors);
   auto& k = host_emulation::knobs();
@@ -20,6 +21,7 @@ void set_emulation(int64_t seed, int64_t max_blocks, int64_t multiprocessors, bo
   k.multiprocessors = multiprocessors;
   k.force_wide_index = force_wide_index;
   host_emulation::launch_log().clear();
+  host_emulation::launch_counter() = 0;
 }
 
 // One line per launch since the last set_emulation: "<kernel> <grid> <items> <index bits>".
