@@ -23,6 +23,8 @@ mkdir -p "$(dirname "$REPORT")"
 : > "$REPORT"
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, not an installed copy
+# torch guesses CUDA_HOME from the nvcc on PATH, which may be a wrapper outside the toolkit.
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}  # deterministic mode's cuBLAS condition
 START=$(date +%s)
 FAILED=()
