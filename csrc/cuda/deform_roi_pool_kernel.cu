@@ -170,7 +170,8 @@ __global__ void backward_kernel(index_t items, RoIPoolGeometry g, index_t channe
 
 // ---- deterministic grad_input (gather form) ----
 
-// The key of an entry that feeds no input element: sorts last (unused slots stay so).
+// The key the entries start with (every one is then overwritten: a sample that reads the map has
+// four in-map corners); it would sort last.
 constexpr int64_t kNoTarget = std::numeric_limits<int64_t>::max();
 
 // The samples of bin `item` (= r * bins + bin) that read the map, or 0 for a RoI with an invalid batch
@@ -197,8 +198,8 @@ __global__ void count_samples_kernel(index_t items, RoIPoolGeometry g, const sca
 }
 
 // Bin `item`'s samples that read the map, in grid order, become entries 4 * (starts[item] + s) + j
-// (corner j of its s-th such sample): key = image * plane + corner, weight = the corner's weight
-// divided by the bin's sample count (the atomic path scatters (grad / count) * weight).
+// (corner j of its s-th such sample): key = image * plane + corner, weight = the corner's weight;
+// counts[item] = the bin's sample count (the atomic path scatters (grad / count) * weight).
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void sample_entries_kernel(index_t items, RoIPoolGeometry g, const scalar_t* __restrict__ rois,
                                       const scalar_t* __restrict__ offset, const int64_t* __restrict__ starts,
