@@ -52,7 +52,11 @@ run_step() {
 finish() {
   section "summary"
   log "total: $(( $(date +%s) - START )) s"
-  if [ ${#FAILED[@]} -eq 0 ]; then
+  if [ ${#FAILED[@]} -eq 0 ] && [ "${HAS_GPU:-0}" != 1 ]; then
+    log "gpu-check: the build and the host-run tests passed, but without a GPU nothing ran on one"
+    echo "gpu-check: report written to $REPORT"
+    exit 2
+  elif [ ${#FAILED[@]} -eq 0 ]; then
     log "gpu-check: all steps passed"
   else
     log "gpu-check: FAILED steps: ${FAILED[*]}"

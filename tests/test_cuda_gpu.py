@@ -136,8 +136,9 @@ def test_ops_run_on_the_current_stream(gen):
         result = conv_run([x] + on_device[1:], CONV.params, grad_output.cuda(), "cuda")
         p_result = pool_run(px, p_rois.cuda(), p_offset.cuda(), p_params, p_grad.cuda(), "cuda")
     stream.synchronize()
-    assert_all_close(result, expected, rtol=0, atol=0)
-    assert_all_close(p_result, p_expected, rtol=0, atol=0)
+    # (The atomic backward rounds differently run to run; a race would be off by far more.)
+    assert_all_close(result, expected, rtol=1e-5, atol=1e-5)
+    assert_all_close(p_result, p_expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
