@@ -84,3 +84,19 @@ spatial-support: install
 
 clean:
 	rm -rf build *.egg-info $(VENV)
+
+# ---- CUDA kernels: sanitizers and the GPU check (docs/cuda.md) ----
+
+# The CPU kernels and the host-run CUDA kernels under AddressSanitizer + UndefinedBehaviorSanitizer
+# (float-cast-overflow included), running the op tests (scripts/sanitize.sh; builds into build/sanitize).
+sanitize: env
+	PYTHON=$(PY) scripts/sanitize.sh
+
+# On a machine with an NVIDIA GPU, torch >= 2.11, nvcc, ninja, pytest and hypothesis (no network, no
+# mmcv/mmdet needed, no .venv): build for the visible GPU with all cores, the CUDA op tests,
+# compute-sanitizer memcheck, benchmarks; one report in work_dirs/gpu_check/report.txt (<= 8 min).
+# Uses the python on PATH (PYTHON=... to choose); without a GPU it stops with a message (exit 2).
+gpu-check:
+	PYTHON=$(PYTHON) MAX_JOBS=$$(nproc) scripts/gpu_check.sh
+
+.PHONY: sanitize gpu-check

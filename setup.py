@@ -63,6 +63,15 @@ def want_cuda():
     found = cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
     if choice == "1" and not found:
         sys.exit("MMDET_DCNV2_WITH_CUDA=1 but no CUDA toolkit (CUDA_HOME/nvcc) or no CUDA build of torch was found")
+    if choice == "auto" and found:
+        # torch's BuildExtension refuses a toolkit whose major version differs from torch's CUDA: in
+        # automatic mode that is no reason to fail the install, only to leave CUDA out.
+        toolkit, torch_cuda = nvcc_version(), torch.version.cuda
+        if toolkit.split(".")[0] != torch_cuda.split(".")[0]:
+            print(f"mmdet_dcnv2: the CUDA toolkit at {cpp_extension.CUDA_HOME} is CUDA {toolkit}, but torch was "
+                  f"built with CUDA {torch_cuda} (major versions must match): building without CUDA kernels. "
+                  f"Point CUDA_HOME at a CUDA {torch_cuda.split('.')[0]}.x toolkit to build them.", flush=True)
+            return False
     return found if choice == "auto" else choice == "1"
 
 
@@ -104,7 +113,8 @@ def extension():
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     return cpp_extension.CUDAExtension(
         "mmdet_dcnv2._C", sources, define_macros=macros,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
+        # (torch's cpp_extension already passes --expt-relaxed-constexpr)
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
         extra_link_args=["-fopenmp"], py_limited_api=True)
 
 

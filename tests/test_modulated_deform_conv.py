@@ -264,7 +264,8 @@ def test_gradcheck(case, device, gen):
             args[i] = t
         return modulated_deform_conv2d(*args, *case.params)
 
-    assert torch.autograd.gradcheck(fn, [all_five[i] for i in present])
+    # CUDA's atomic backward is not bitwise reentrant: a tolerance for that (docs/cuda.md).
+    assert torch.autograd.gradcheck(fn, [all_five[i] for i in present], nondet_tol=1e-12 if device == "cuda" else 0.0)
 
 
 OPCHECK_CASES = [
