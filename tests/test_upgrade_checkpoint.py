@@ -162,3 +162,14 @@ def test_runs_as_a_module(tmp_path):
                           str(tmp_path / "out.pth")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert "renamed 2 keys" in run.stdout and (tmp_path / "out.pth").exists()
+
+
+class Arbitrary:
+    """Not on torch's weights_only allow-list."""
+
+
+def test_a_checkpoint_with_arbitrary_objects_is_refused_not_loaded(tmp_path, capsys):
+    source = _write(tmp_path / "in.pth", {"state_dict": _layer_and_offset("layer1.0.conv2"), "extra": Arbitrary()})
+    status, _, err = _run(capsys, source, tmp_path / "out.pth")
+    assert status == 1 and "refuses (Unsupported global" in err and "Arbitrary" in err
+    assert not (tmp_path / "out.pth").exists()

@@ -10,8 +10,8 @@ keys, so it no longer sees them. A 1.x checkpoint first needs mmdet's own conver
 which leaves the offset keys as they are; this command then renames those.
 
 A key ``P_offset.weight`` / ``P_offset.bias`` is renamed to ``P.conv_offset.*`` where ``P.weight``
-is a convolution weight with the same kernel size (the deformable layer beside it) and the new key
-is not taken. Everything else in the file (meta, optimizer state) is kept as it is.
+is a convolution weight with the same kernel size (the deformable layer beside it) and ``P`` has no
+``conv_offset`` yet. Everything else in the file (meta, optimizer state) is kept as it is.
 """
 
 import argparse
@@ -44,11 +44,11 @@ def rename_dcn_offset_keys(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[st
         match = _LEGACY_KEY.match(key)
         if match is None:
             continue
-        layer, param = match.group("layer"), match.group("param")
-        new = f"{layer}.conv_offset.{param}"
-        if new in state_dict or not _is_offset_conv_of(state_dict, layer):
+        layer = match.group("layer")
+        # All of a layer's offset keys or none: a layer that already has a conv_offset is left alone.
+        if any(k.startswith(f"{layer}.conv_offset.") for k in state_dict) or not _is_offset_conv_of(state_dict, layer):
             continue
-        renames[key] = new
+        renames[key] = f"{layer}.conv_offset.{match.group('param')}"
     upgraded = collections.OrderedDict((renames.get(key, key), value) for key, value in state_dict.items())
     metadata = getattr(state_dict, "_metadata", None)
     if metadata is not None:
@@ -72,8 +72,11 @@ def _load(path: str) -> Tuple[Optional[dict], Dict[str, torch.Tensor]]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        detail = _unpickler_detail(error)
+        if "Unsupported global" not in detail:  # a damaged file reads as a pickle with a bad opcode
+            raise UpgradeError(f"IN {path!r} is not a readable torch checkpoint: {detail}") from error
         # weights_only refuses objects that could run code on load; say so rather than loading them.
-        raise UpgradeError(f"IN {path!r} holds objects torch.load(weights_only=True) refuses ({error}); "
+        raise UpgradeError(f"IN {path!r} holds objects torch.load(weights_only=True) refuses ({detail}); "
                            "only plain checkpoints (tensors, numbers, strings, containers) are upgraded") from error
     except Exception as error:  # torch raises RuntimeError, EOFError, ... for a damaged or foreign file
         raise UpgradeError(f"IN {path!r} is not a readable torch checkpoint: {type(error).__name__}: {error}") from error
@@ -83,6 +86,16 @@ def _load(path: str) -> Tuple[Optional[dict], Dict[str, torch.Tensor]]:
         return None, checkpoint
     raise UpgradeError(f"IN {path!r} has no state dict: expected a dict with a 'state_dict' entry (as mmdet "
                        "saves) or a dict of tensors")
+
+
+def _unpickler_detail(error: Exception) -> str:
+    """The line of torch's long weights_only message that says what was refused."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for index, line in enumerate(lines):
+        if line.startswith("WeightsUnpickler error:"):
+            rest = line[len("WeightsUnpickler error:"):].strip()
+            return rest or (lines[index + 1] if index + 1 < len(lines) else line)
+    return lines[0] if lines else type(error).__name__
 
 
 def _check_mmdet_converter_ran(state_dict: Dict[str, torch.Tensor], path: str) -> None:
