@@ -121,6 +121,7 @@ def _write(path, payload):
 BAD_INPUT = [
     pytest.param(None, "does not exist", id="missing"),
     pytest.param(b"not a checkpoint at all", "is not a readable torch checkpoint", id="corrupt"),
+    pytest.param(b"", "is not a readable torch checkpoint", id="empty"),
     pytest.param([1, 2, 3], "has no state dict", id="not-a-dict"),
     pytest.param({"meta": {}}, "has no state dict", id="no-state-dict"),
     pytest.param({"state_dict": {"backbone.conv1.weight": torch.zeros(2, 3, 7, 7),

@@ -92,8 +92,8 @@ def _unpickler_detail(error: Exception) -> str:
     """The line of torch's long weights_only message that says what was refused."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     for index, line in enumerate(lines):
-        if line.startswith("WeightsUnpickler error:"):
-            rest = line[len("WeightsUnpickler error:"):].strip()
+        if "WeightsUnpickler error:" in line:
+            rest = line.split("WeightsUnpickler error:", 1)[1].strip()
             return rest or (lines[index + 1] if index + 1 < len(lines) else line)
     return lines[0] if lines else type(error).__name__
 
