@@ -1,6 +1,9 @@
-// Element functions shared by the CPU (.cpp) and CUDA (.cu) kernels: bilinear sampling in the two
-// border conventions DCNv2 needs, and their gradients. The arithmetic that a GPU runs is written only
-// here, so the CPU tests exercise it too.
+// Element functions of the CPU (.cpp) and CUDA (.cu) kernels: bilinear sampling in the two border
+// conventions DCNv2 needs, and their gradients. Both backends share the in-range test, the bilinear
+// weights and coordinate gradients, the base sampling positions and the RoI bins; the RoI pooling
+// also shares its corner gather/scatter. The CPU convolution has its own padded channels-last
+// sampling (zero_border_padded), the CUDA one uses zero_border_corners and corners_*: those run in
+// the tests through the host-run build of the CUDA kernels (docs/cuda.md), not through the CPU op.
 //
 // Only <cmath>/<cstdint>: no ATen, so the header compiles for host and device alike.
 // Template parameters: acc_t is the accumulation type (float for half/bfloat16/float, double for
@@ -152,12 +155,6 @@ DCN_HOST_DEVICE Corners<acc_t, index_t> clamped_corners(acc_t y, acc_t x, index_
   c.lx = x - acc_t(x0);
   fill_corners(c, y0, x0, y1, x1, true, true, true, true, width);
   return c;
-}
-
-// Multiplies the corner weights by a modulation scalar (the DCNv2 mask folded into the sample).
-template <typename acc_t, typename index_t>
-DCN_HOST_DEVICE void scale_corners(Corners<acc_t, index_t>& c, acc_t s) {
-  for (int j = 0; j < 4; ++j) c.w[j] *= s;
 }
 
 // The interpolated value of one channel plane.

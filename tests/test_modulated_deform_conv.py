@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from reference import modulated_deform_conv2d_ref
 
 import mmdet_dcnv2.ops as ops
-from mmdet_dcnv2.ops import build_info, modulated_deform_conv2d
+from mmdet_dcnv2.ops import modulated_deform_conv2d
 
 FORWARD_OP = torch.ops.mmdet_dcnv2.modulated_deform_conv2d.default
 BACKWARD_OP = torch.ops.mmdet_dcnv2.modulated_deform_conv2d_backward.default
@@ -220,7 +220,8 @@ def test_gradcheck(case, device, gen):
             args[i] = t
         return modulated_deform_conv2d(*args, *case.params)
 
-    assert torch.autograd.gradcheck(fn, [all_five[i] for i in present])
+    # CUDA's atomic backward is not bitwise reentrant: a tolerance for that (docs/cuda.md).
+    assert torch.autograd.gradcheck(fn, [all_five[i] for i in present], nondet_tol=1e-12 if device == "cuda" else 0.0)
 
 
 OPCHECK_CASES = [
@@ -651,16 +652,6 @@ def test_chunked_batch_matches_unchunked(images_per_chunk, column_budget, gen):
     assert_same_results(chunked, whole, NAMES)
     assert_same_results(chunked, evaluate(modulated_deform_conv2d_ref, leaves(tensors), case.params, grad_output),
                         NAMES)
-
-
-def test_build_info():
-    info = build_info()
-    assert {"cuda", "cuda_version", "cuda_arch_list", "torch_version"} <= set(info)
-    assert isinstance(info["cuda"], bool)
-    # the extension must have been compiled against the torch that runs it (ABI)
-    assert torch.__version__.startswith(info["torch_version"])
-    if info["cuda"]:
-        assert info["cuda_version"] and info["cuda_arch_list"]
 
 
 # --------------------------------------------------------------------------------------------------
