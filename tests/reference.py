@@ -23,7 +23,7 @@ from torch import Tensor
 IntPair = Union[int, Sequence[int]]
 
 
-def _pair(value: IntPair) -> Tuple[int, int]:
+def pair(value: IntPair) -> Tuple[int, int]:
     if isinstance(value, int):
         return value, value
     height, width = value
@@ -90,9 +90,9 @@ def modulated_deform_conv2d_ref(
     ``c // (C / deform_groups)`` and to convolution group ``c // (C / groups)``. All tensors are
     used in their own dtype (no casting policy here: the tests cast before calling).
     """
-    stride_h, stride_w = _pair(stride)
-    pad_h, pad_w = _pair(padding)
-    dil_h, dil_w = _pair(dilation)
+    stride_h, stride_w = pair(stride)
+    pad_h, pad_w = pair(padding)
+    dil_h, dil_w = pair(dilation)
     n, channels, height, width = input.shape
     out_channels, channels_per_group, kernel_h, kernel_w = weight.shape
     taps = kernel_h * kernel_w
@@ -193,7 +193,7 @@ def deform_roi_pool_ref(
     then no samples and the output is 0) points per side, shifted by
     ``gamma * roi_size * offset[r, :, i, j]`` (offset channel 0 is x, channel 1 is y).
     """
-    pooled_h, pooled_w = _pair(output_size)
+    pooled_h, pooled_w = pair(output_size)
     _, channels, height, width = input.shape
     num_rois = rois.shape[0]
     if offset is not None:

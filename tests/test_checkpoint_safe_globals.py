@@ -23,12 +23,11 @@ NUMPY_META = dict(best_score=np.float64(0.25), best_iter=np.int64(2), scale=np.f
 
 @contextlib.contextmanager
 def _without_our_allow_list():
-    saved = torch.serialization.get_safe_globals()
-    torch.serialization.clear_safe_globals()
+    safe_checkpoint.disallow_mmengine_checkpoints()
     try:
         yield
     finally:
-        torch.serialization.add_safe_globals(saved)
+        safe_checkpoint.allow_mmengine_checkpoints()
 
 
 def _runner(tmp_path, work_dir, **overrides):
@@ -60,6 +59,22 @@ def test_runner_checkpoints_need_the_allow_list_and_load_with_it(trained):
         assert np.isfinite(loaded["message_hub"]["log_scalars"]["train/loss"].mean())
     meta = torch.load(str(trained / "first" / "numpy_meta.pth"))["meta"]
     assert {k: meta[k] for k in NUMPY_META} == NUMPY_META
+
+
+def test_disallow_takes_off_exactly_ours():
+    class Other:
+        pass
+
+    torch.serialization.add_safe_globals([Other])
+    try:
+        with _without_our_allow_list():
+            remaining = torch.serialization.get_safe_globals()
+            assert Other in remaining and not any(entry in remaining for entry in safe_checkpoint.safe_globals())
+        assert all(entry in torch.serialization.get_safe_globals() for entry in safe_checkpoint.safe_globals())
+    finally:
+        kept = [entry for entry in torch.serialization.get_safe_globals() if entry is not Other]
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(kept)
 
 
 def test_allow_list_refuses_other_getattr_targets():

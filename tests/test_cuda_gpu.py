@@ -9,7 +9,8 @@ import os
 
 import pytest
 import torch
-from conftest import CUDA_MARKS, ConvCase, uniform
+from cases import ConvCase, uniform
+from conftest import CUDA_MARKS
 
 import mmdet_dcnv2.ops as ops
 from mmdet_dcnv2.ops import deform_roi_pool, modulated_deform_conv2d

@@ -18,7 +18,9 @@ import math
 
 import pytest
 import torch
-from conftest import CONV_CASES, SEED, ConvCase, conv_case_params, uniform
+from cases import CONV_CASES, ConvCase, uniform
+from cases import case_params as conv_case_params
+from conftest import SEED
 from reference import deform_roi_pool_ref, modulated_deform_conv2d_ref
 
 import hostcuda

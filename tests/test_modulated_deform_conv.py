@@ -3,18 +3,19 @@ torchvision, finite differences, torch.library.opcheck and torch.compile, on CPU
 one) CUDA.
 
 Shapes are kept tiny (<= 4 channels per group, maps <= 7x7) so the file runs in seconds; breadth
-comes from a hand-picked list of cases covering every hyper-parameter value (conftest.CONV_CASES)
+comes from a hand-picked list of cases covering every hyper-parameter value (cases.CONV_CASES)
 plus a hypothesis sweep of random combinations.
 """
 
-import contextlib
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 import torchvision.ops
-from conftest import CONV_CASES, DEVICES, ConvCase, conv_case_params, far_offsets, requires_cuda
+from cases import (CONV_CASES, ConvCase, assert_same_results, case_params, evaluate, far_offsets, leaves,
+                   num_threads, present_names)
+from conftest import DEVICES, requires_cuda
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from reference import modulated_deform_conv2d_ref
@@ -24,44 +25,13 @@ from mmdet_dcnv2.ops import modulated_deform_conv2d
 
 FORWARD_OP = torch.ops.mmdet_dcnv2.modulated_deform_conv2d.default
 BACKWARD_OP = torch.ops.mmdet_dcnv2.modulated_deform_conv2d_backward.default
-NAMES = ("input", "offset", "mask", "weight", "bias")
+NAMES = ConvCase.names
 BAD_ARGUMENT = (ValueError, RuntimeError)
 
 
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-
-def leaves(tensors, device="cpu", dtype=None):
-    """Fresh leaf copies (requiring grad) of the non-None tensors; None stays None."""
-    return [None if t is None else t.detach().to(device=device, dtype=dtype or t.dtype).clone().requires_grad_()
-            for t in tensors]
-
-
-def evaluate(fn, tensors, params, grad_output=None, make_args=None):
-    """``fn(*make_args(tensors), *params)`` and its gradients w.r.t. every tensor requiring grad.
-
-    Gradients are taken w.r.t. ``tensors`` (the leaves), so that layouts built as views of a leaf
-    (``make_args``) are compared on the same footing as contiguous inputs.
-    """
-    args = make_args(tensors) if make_args else tensors
-    output = fn(*args, *params)
-    wanted = [t for t in tensors if t is not None and t.requires_grad]
-    if not wanted:
-        return output, []
-    if grad_output is None:
-        grad_output = torch.ones_like(output)
-    return output, list(torch.autograd.grad(output, wanted, grad_output))
-
-
-def assert_same_results(actual, expected, names=NAMES, **tolerances):
-    """assert_close on (output, grads) pairs, saying which tensor differs."""
-    (out_a, grads_a), (out_e, grads_e) = actual, expected
-    torch.testing.assert_close(out_a, out_e, **tolerances)
-    assert len(grads_a) == len(grads_e)
-    for name, grad_a, grad_e in zip(names, grads_a, grads_e):
-        torch.testing.assert_close(grad_a, grad_e, **tolerances, msg=lambda m, name=name: f"grad of {name}: {m}")
-
 
 def random_like(output, gen):
     """A random upstream gradient: a ones-gradient would hide mistakes that permute output pixels."""
@@ -74,22 +44,8 @@ def check_against_reference(case, gen):
     grad_output = torch.randn((case.n, case.cout) + case.out_size, generator=gen, dtype=torch.float64)
     actual = evaluate(modulated_deform_conv2d, leaves(tensors), case.params, grad_output)
     expected = evaluate(modulated_deform_conv2d_ref, leaves(tensors), case.params, grad_output)
-    assert_same_results(actual, expected, names=present_names(tensors))
+    assert_same_results(actual, expected, names=present_names(case, tensors))
     return tensors, actual
-
-
-def present_names(tensors):
-    return [name for name, t in zip(NAMES, tensors) if t is not None]
-
-
-@contextlib.contextmanager
-def num_threads(count):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def relative_error(actual, expected):
@@ -102,14 +58,14 @@ def relative_error(actual, expected):
 # values and gradients against the reference (float64)
 # --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case", conv_case_params(CONV_CASES))
+@pytest.mark.parametrize("case", case_params(CONV_CASES))
 def test_matches_reference(case, gen):
     """Forward and the gradients of input, offset, mask, weight and bias equal the reference's."""
     tensors, (output, grads) = check_against_reference(case, gen)
     assert output.shape == (case.n, case.cout) + case.out_size
     assert output.dtype == torch.float64
     present = [t for t in tensors if t is not None]
-    for name, t, grad in zip(present_names(tensors), present, grads):
+    for name, t, grad in zip(present_names(case, tensors), present, grads):
         assert grad.shape == t.shape, name
     if case.n == 0:  # an empty batch: empty data gradients, zero parameter gradients
         assert all(g.abs().sum() == 0 for g in grads)
@@ -185,7 +141,7 @@ def test_partial_requires_grad(wanted, gen):
     requires grad, those gradients are still right."""
     case = ConvCase(n=2, cin=4, cout=4, size=6, groups=2, deform_groups=2, offsets="far")
     tensors = case.tensors(gen)
-    chosen = wanted.split("+")
+    chosen = [name for name in wanted.split("+") if name in NAMES]  # 'nothing': none
     copies = [t.clone().requires_grad_(name in chosen) for name, t in zip(NAMES, tensors)]
     grad_output = torch.randn((case.n, case.cout) + case.out_size, generator=gen, dtype=torch.float64)
     output, grads = evaluate(modulated_deform_conv2d, copies, case.params, grad_output)
@@ -209,7 +165,7 @@ def test_integer_offsets_follow_mmcv_convention(offsets, gen):
     tensors = (input, offset, mask, weight, bias)
     grad_output = torch.randn((case.n, case.cout) + case.out_size, generator=gen, dtype=torch.float64)
     assert_same_results(evaluate(modulated_deform_conv2d, leaves(tensors), case.params, grad_output),
-                        evaluate(modulated_deform_conv2d_ref, leaves(tensors), case.params, grad_output))
+                        evaluate(modulated_deform_conv2d_ref, leaves(tensors), case.params, grad_output), NAMES)
 
 
 # ---- random sweep ----------------------------------------------------------------------------------
@@ -251,7 +207,7 @@ GRADCHECK_CASES = [
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", conv_case_params(GRADCHECK_CASES))
+@pytest.mark.parametrize("case", case_params(GRADCHECK_CASES))
 def test_gradcheck(case, device, gen):
     """Analytic gradients are the derivatives of the forward (finite differences, float64), through
     the public function, for all five inputs at once (mask / bias None: the other three)."""
@@ -282,7 +238,7 @@ def _op_args(case, tensors):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("requires_grad", [True, False], ids=["grad", "nograd"])
-@pytest.mark.parametrize("case", conv_case_params(OPCHECK_CASES))
+@pytest.mark.parametrize("case", case_params(OPCHECK_CASES))
 def test_opcheck_forward(case, requires_grad, device, gen):
     """Schema, fake (meta) kernel, autograd registration and AOT dispatch of the raw forward op."""
     tensors = [None if t is None else t.to(device).requires_grad_(requires_grad) for t in case.tensors(gen)]
@@ -298,7 +254,7 @@ BACKWARD_MASKS = [
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("output_mask", BACKWARD_MASKS)
-@pytest.mark.parametrize("case", conv_case_params(OPCHECK_CASES))
+@pytest.mark.parametrize("case", case_params(OPCHECK_CASES))
 def test_opcheck_backward(case, output_mask, device, gen):
     tensors = [None if t is None else t.to(device) for t in case.tensors(gen)]
     grad_output = torch.randn((case.n, case.cout) + case.out_size, generator=gen, dtype=torch.float64).to(device)
@@ -306,7 +262,7 @@ def test_opcheck_backward(case, output_mask, device, gen):
 
 
 @pytest.mark.parametrize("output_mask", BACKWARD_MASKS)
-@pytest.mark.parametrize("case", conv_case_params(OPCHECK_CASES))
+@pytest.mark.parametrize("case", case_params(OPCHECK_CASES))
 def test_backward_op_contract(case, output_mask, gen):
     """The raw backward op returns (grad_input, grad_offset, grad_mask, grad_weight, grad_bias):
     requested ones equal the reference gradients, the others (and grad_mask / grad_bias when mask /
@@ -330,7 +286,7 @@ def test_backward_op_contract(case, output_mask, gen):
 # an independent implementation: torchvision (float32)
 # --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case", conv_case_params([
+@pytest.mark.parametrize("case", case_params([
     ConvCase(n=2, cin=4, cout=6, size=7, stride=2, deform_groups=2),
     ConvCase(n=2, cin=4, cout=4, size=(7, 6), kernel=(3, 2), stride=(2, 1), padding=(2, 0), dilation=2, groups=2,
              offsets="far"),
@@ -351,7 +307,7 @@ def test_matches_torchvision_float32(case, gen):
     expected = evaluate(lambda *t: torchvision_fn(*t), leaves(tensors), (), grad_output)
     # float32 sums of <= 36 products of O(1) numbers: 1e-4 leaves room for a different summation
     # order, not for a wrong term.
-    assert_same_results(actual, expected, names=[n for n, t in zip(NAMES, tensors) if t is not None],
+    assert_same_results(actual, expected, names=present_names(case, tensors),
                         rtol=1e-4, atol=1e-4)
 
 
@@ -693,8 +649,9 @@ def test_chunked_batch_matches_unchunked(images_per_chunk, column_budget, gen):
     whole = evaluate(modulated_deform_conv2d, leaves(tensors), case.params, grad_output)
     ops.set_column_budget(int(images_per_chunk * columns_per_image))
     chunked = evaluate(modulated_deform_conv2d, leaves(tensors), case.params, grad_output)
-    assert_same_results(chunked, whole)
-    assert_same_results(chunked, evaluate(modulated_deform_conv2d_ref, leaves(tensors), case.params, grad_output))
+    assert_same_results(chunked, whole, NAMES)
+    assert_same_results(chunked, evaluate(modulated_deform_conv2d_ref, leaves(tensors), case.params, grad_output),
+                        NAMES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -720,7 +677,7 @@ def strict_float32():
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize("case", conv_case_params(CUDA_CASES))
+@pytest.mark.parametrize("case", case_params(CUDA_CASES))
 def test_cuda_matches_cpu(case, dtype, gen, strict_float32):
     """Forward and gradients on CUDA equal the CPU kernel's (which the tests above tie to the
     reference). Tolerances: float64 the default; float32 allows for atomic-add ordering."""
@@ -731,7 +688,7 @@ def test_cuda_matches_cpu(case, dtype, gen, strict_float32):
     assert on_cuda[0].device.type == "cuda"
     to_cpu = (on_cuda[0].cpu(), [g.cpu() for g in on_cuda[1]])
     tolerances = {} if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
-    assert_same_results(to_cpu, on_cpu, names=[n for n, t in zip(NAMES, tensors) if t is not None], **tolerances)
+    assert_same_results(to_cpu, on_cpu, names=present_names(case, tensors), **tolerances)
 
 
 @requires_cuda
@@ -760,7 +717,7 @@ def test_cuda_noncontiguous_and_nonfinite(gen):
 
 
 @requires_cuda
-@pytest.mark.parametrize("case", conv_case_params(GRADCHECK_CASES[:2]))
+@pytest.mark.parametrize("case", case_params(GRADCHECK_CASES[:2]))
 def test_cuda_gradcheck(case, gen):
     test_gradcheck(case, "cuda", gen)
 

@@ -1,34 +1,13 @@
-"""The network nodes whose spatial support is analysed, and their responses as functions of the image.
+"""The network nodes whose spatial support is analysed (paper Sec. 2.1), as functions of the image.
 
-Three kinds (paper Sec. 2.1):
+- ``conv``: a unit of the last c5 layer at an image position: one channel, or the sum over channels
+  (post-ReLU, so the L1 norm: a smoother, channel-independent summary).
+- ``cls``: an RoI's classification score of one class. The score, not the logit: logits are defined
+  up to a common additive constant, which would make the saliency view's relative error arbitrary.
+- ``reg``: an RoI's 4 box-regression deltas of one class.
 
-- ``conv``: a unit of the last c5 layer (the output of the backbone's last residual stage) at an
-  image position. Its response is one channel of the feature vector there, or, with no channel
-  given, the sum over channels -- the c5 output is post-ReLU, so that is the L1 norm of the node's
-  feature vector, a smoother and channel-independent summary of what the node encodes.
-- ``cls``: the per-RoI classification node of a box -- the box head's score of one class (the
-  detected one by default), softmax over the logits as mmdet's ``BBoxHead`` computes it (or the
-  loss's own activation, e.g. sigmoid). The score rather than the logit: logits are defined only up
-  to a common additive constant, so a relative error of a logit (the saliency view) would depend on
-  that arbitrary shift; the score is also the number the detector reports.
-- ``reg``: the per-RoI box-regression node -- the box head's 4 deltas (dx, dy, dw, dh) of that class.
-
-The RoI of an RoI node is **the box itself**, held fixed: the node is then a function of the image
-alone (the proposals would move as the image is masked), and the box is what the pictures show.
-mmdet's ``predict`` does not say which proposal produced a detection, so a detection's nodes are
-evaluated on its final box.
-
-Node specs (``--nodes``): ``KIND:WHERE[#INDEX]`` with WHERE ``detN`` (the N-th best detection: its
-box, or its centre for ``conv``) or coordinates in the original image (``X,Y`` for ``conv``,
-``X1,Y1,X2,Y2`` for ``cls``/``reg``); INDEX is the c5 channel (``conv``) or the class (``cls``/``reg``).
-
-Pixel-to-unit convention (``conv``): feature position u of the stride-S c5 map is centred on image
-pixel S*u, and a position p picks the unit whose centre is nearest, ties upwards: u = floor(p/S + 0.5)
-(S = 32: pixels 0-15 -> unit 0, 16-47 -> unit 1, ...), clamped to the map. S comes from the
-architecture (:func:`c5_stride`), not from the padded input's size.
-
-Every resolved node must be distinct: its ``name`` (which files are written under) carries the
-position or box, the channel or class, and two specs resolving to the same node are an error.
+An RoI node's box is held fixed (the detection's final box: mmdet does not say which proposal made
+it), so the node depends on the image alone; proposals would move as the image is masked.
 """
 
 import math
@@ -233,7 +212,12 @@ def _is_spatial_conv(module: nn.Module) -> bool:
 # -------------------------------------------------------------------------------------- parsing
 
 def parse_spec(spec: str) -> Tuple[str, str, Optional[int]]:
-    """``KIND:WHERE[#INDEX]`` -> (kind, where, index); errors name the spec and the grammar."""
+    """``KIND:WHERE[#INDEX]`` -> (kind, where, index); errors name the spec and the grammar.
+
+    WHERE: ``detN`` (the N-th best detection: its box, or its centre for ``conv``) or coordinates in
+    the original image (``X,Y`` for ``conv``, ``X1,Y1,X2,Y2`` for ``cls``/``reg``); INDEX: the c5
+    channel (``conv``) or the class (``cls``/``reg``, default: the detected one).
+    """
     kind, sep, rest = spec.partition(":")
     if not sep or kind not in NODE_KINDS:
         raise ValueError(f"--nodes {spec!r}: unknown node kind {kind!r}; expected KIND:WHERE[#INDEX] with KIND one "

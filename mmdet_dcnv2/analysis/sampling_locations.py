@@ -1,46 +1,16 @@
 """Effective sampling locations (conv nodes) and effective bin locations (RoI nodes), paper Sec. 2.1.
 
-For every sampling layer below the node -- each spatial convolution of the last residual stage (the
-three res5 conv2 of a ResNet-50) for a ``conv`` node, the box head's RoI layer for a ``cls``/``reg``
-node -- we report **every sampling point the layer actually used** (each output position, kernel tap
-and deformable group; each bin and each of its bilinear samples), where it lands in the image, and
-its **strength**.
+For every sampling layer below the node (the c5 3x3 convolutions for a ``conv`` node, the box head's
+RoI layer for ``cls``/``reg``) we report every sampling point the forward pass used, where it lands
+in the image, and its strength.
 
-Strength: the magnitude of the gradient of the node's response with respect to **the value sampled
-at that point**, i.e. ``|| m * W_k^T dn/dy(q) ||`` over the input channels for tap k of output q of a
-convolution (m is the DCNv2 modulation, 1 for a regular or DCNv1 layer), and ``|| m_b * dn/dy_b || / n_b``
-for each of the n_b samples of RoI bin b (the bin averages them; m_b is MDPool's modulation). For a
-node with several outputs, the norm over them too. Why this and not the gradient with respect to
-the location itself: the location gradient is the value gradient times the spatial gradient of the
-feature map, so it vanishes wherever the map is locally flat -- a point in the middle of an object,
-where the node reads a lot, would show as irrelevant. The value gradient says how much the node
-listens to that point whatever is found there, the same notion as the receptive-field view (a pixel
-gradient), and a regular convolution's fixed grid shows up with the same meaning, so the two can be
-compared. This is a deliberate deviation from the paper (and DESIGN section 1), which weight a point
-by the gradient with respect to its location; that one is computed too and kept beside it
-(``location_strength``): ``|| d n / d (y, x) ||`` of the point, i.e. the value gradient dotted with
-the bilinear interpolant's spatial gradient of the input map at the point (the same border rule as
-the layer: zeros for a convolution, clamped to the edge for an RoI layer), norm over the node's
-outputs. At integer positions (a regular grid) the bilinear interpolant has a kink and this is its
-one-sided derivative towards +x / +y.
-
-The strengths are exact gradients of the real network (autograd), including the residual paths and
-the bilinear spreading of fractional sampling points over their four neighbours; so every output
-position of a lower layer that the node reaches contributes its points (this is the paper's stacked
-sampling hierarchy of 9 x 9 x 9 points, computed without its approximation of evaluating offsets
-at fractional positions).
-
-Strides: the input-map stride of a convolution comes from the architecture -- its output is the
-c5 map (stride S from :func:`~.nodes.c5_stride`), so its input's stride is S / the layer's stride
-(checked against the maps' sizes); an RoI layer's is 1 / its ``spatial_scale`` for the call.
-
-Coordinates, in network-input pixel-index units (pixel centres at integers):
-- convolutions: the point (y, x) of the layer's input map, ``y = i*stride - pad + a*dilation + dy``
-  (tap (a, b) of output (i, j), offset (dy, dx)), drawn at ``S * (x, y)`` where S is the input map's
-  stride -- in mmdet's ResNet (symmetric padding throughout) feature position u of a stride-S map is
-  centred on image pixel S*u;
-- RoI layers: the bilinear sample points of each bin in the pool's own aligned convention
-  (feature coordinate f <-> image coordinate (f + 0.5) * S - 0.5), i.e. in the frame of the box.
+Strength is the gradient of the node's response w.r.t. the *value sampled* at the point (autograd
+through the real network, residual paths included), not w.r.t. the point's *location* as in the
+paper (Sec. 2.1): the location gradient is the value gradient times the feature map's spatial
+gradient, so it vanishes wherever the map is flat -- the middle of an object, where the node reads
+most. The value gradient has the receptive-field view's meaning, and a regular convolution's fixed
+grid gets the same treatment, so the two compare. The paper's measure is kept beside it as
+``location_strength``. Coordinates are network-input pixel indices; see :class:`LayerSamples`.
 """
 
 import math
@@ -58,7 +28,18 @@ from .nodes import Node, as_pair, check_c5_size
 class LayerSamples:
     """The sampling points of one layer, flattened in the order of ``grid_shape``:
     (deform_groups, taps, out_h, out_w) for a convolution, (bins_h, bins_w, samples_h, samples_w)
-    for an RoI layer."""
+    for an RoI layer.
+
+    ``strength``: ``|| m * W_k^T dn/dy(q) ||`` over input channels for tap k of output q (m the DCNv2
+    modulation, 1 without), ``|| m_b * dn/dy_b || / n_b`` for each of the n_b samples of RoI bin b;
+    the norm over the node's outputs too. ``location_strength``: ``|| dn / d(y, x) ||`` of the point,
+    through the bilinear interpolant with the layer's border rule (one-sided at integer positions).
+
+    ``points``: a convolution's point ``y = i*stride - pad + a*dilation + dy`` (tap (a, b) of output
+    (i, j)) of its input map, drawn at ``S * (x, y)`` with S the input map's stride (the c5 stride over
+    the layer's stride; mmdet's ResNet centres feature position u on image pixel S*u); an RoI layer's
+    bin samples in the pool's aligned convention, image = (feature + 0.5) * S - 0.5, S = 1 / spatial_scale.
+    """
 
     name: str
     layer_type: str
@@ -115,16 +96,22 @@ def effective_sampling_locations(model: nn.Module, image: LoadedImage, node: Nod
 
 def conv_offsets_and_masks(module: nn.Module, x: Tensor) -> Tuple[Tensor, Tensor]:
     """(G, K, 2, Ho, Wo) offsets (dy, dx) and (G, K, Ho, Wo) masks the layer applies to input ``x``
-    (batch of one): recomputed from its ``conv_offset`` with mmcv's channel layout, which ours and
-    mmcv's layers share (DCNv2: chunk into o1, o2, m; offsets cat(o1, o2), masks sigmoid(m); DCNv1:
-    all channels are offsets); zeros and ones for a regular convolution."""
+    (batch of one): asked of our layers (``offset_and_mask``), recomputed from ``conv_offset`` for
+    mmcv's (the same channel layout: DCNv2 chunks into o1, o2, m, offsets cat(o1, o2), masks
+    sigmoid(m); DCNv1's channels are all offsets); zeros and ones for a regular convolution."""
     kh, kw = module.kernel_size
     groups = int(getattr(module, "deform_groups", 1))
     taps = kh * kw
+    if hasattr(module, "offset_and_mask"):  # MDConv, DConv
+        offset, mask = module.offset_and_mask(x)
+        offset = offset[0]
+        mask = torch.ones_like(offset[:groups * taps]) if mask is None else mask[0]
+        out_h, out_w = offset.shape[-2:]
+        return offset.view(groups, taps, 2, out_h, out_w), mask.view(groups, taps, out_h, out_w)
     if not hasattr(module, "conv_offset"):
         out_h, out_w = _conv_output_size(module, x)
         return x.new_zeros(1, taps, 2, out_h, out_w), x.new_ones(1, taps, out_h, out_w)
-    out = module.conv_offset(x)[0]
+    out = module.conv_offset(x)[0]  # mmcv's layers
     if out.shape[0] == 3 * groups * taps:
         o1, o2, m = torch.chunk(out, 3, dim=0)
         offset, mask = torch.cat((o1, o2), dim=0), torch.sigmoid(m)

@@ -31,7 +31,8 @@ import statistics
 import time
 from typing import Dict, List, Optional
 
-MODELS = {
+# Not MODELS: that is the registry's name everywhere else in mmdet code.
+DEMO_CONFIGS = {
     "dcnv2": "faster_rcnn_r50_fpn_mdconv_c3-c5_shapes.py",
     "baseline": "faster_rcnn_r50_fpn_shapes.py",
 }
@@ -76,7 +77,7 @@ def build_config(model: str, data_root: str, run_dir: str, seed: int, epochs: Op
                  cfg_options: Optional[Dict] = None, config: Optional[str] = None):
     from mmengine.config import Config
 
-    cfg = Config.fromfile(config or config_path(MODELS[model]))
+    cfg = Config.fromfile(config or config_path(DEMO_CONFIGS[model]))
     data_root = osp.abspath(data_root).rstrip("/") + "/"
     for split in ("train", "val", "test"):
         cfg[f"{split}_dataloader"].dataset.data_root = data_root
@@ -167,9 +168,10 @@ def draw_detections(runner, out_dir: str, num_images: int, score_thr: float, sca
     import mmcv
     import torch
     from mmengine.dataset import pseudo_collate
-    from mmengine.model import is_model_wrapper
 
-    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+    from mmdet_dcnv2.engine import unwrap_model
+
+    model = unwrap_model(runner.model)
     model.eval()
     dataset = runner.test_dataloader.dataset
     visualizer = runner.visualizer
@@ -215,7 +217,9 @@ def run_one(model: str, seed: int, args, distributed: bool) -> Dict:
                 f"{model} ({osp.basename(cfg.filename)}), seed {seed}")
     images = draw_detections(runner, osp.join(run_dir, "vis"), args.num_vis, args.score_thr)
 
-    model_module = runner.model.module if hasattr(runner.model, "module") else runner.model
+    from mmdet_dcnv2.engine import unwrap_model
+
+    model_module = unwrap_model(runner.model)
     deformable = sorted({type(m).__name__ for m in model_module.modules() if hasattr(m, "conv_offset")})
     num_deformable = sum(1 for m in model_module.modules() if hasattr(m, "conv_offset"))
     coco = {key.split("/", 1)[1]: float(value) for key, value in metrics.items() if key.startswith("coco/")}
@@ -240,7 +244,7 @@ def run_one(model: str, seed: int, args, distributed: bool) -> Dict:
 
 def summarise(results: List[Dict]) -> Dict:
     summary = {}
-    for model in MODELS:
+    for model in DEMO_CONFIGS:
         runs = [r for r in results if r["model"] == model]
         if not runs:
             continue
@@ -278,7 +282,7 @@ def parse_args(argv=None):
     parser.add_argument("--data-root", default="data/shapes", help="generated here if missing")
     parser.add_argument("--baseline", action="store_true",
                         help="also train the same model without DCN and print both APs side by side")
-    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None,
+    parser.add_argument("--models", nargs="+", choices=sorted(DEMO_CONFIGS), default=None,
                         help="which models to run (default: dcnv2, or baseline and dcnv2 with --baseline)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--epochs", type=int, default=None, help="override the config's max_epochs")

@@ -7,7 +7,7 @@ configs and model-zoo checkpoints work unchanged; the offsets (and masks) come f
 """
 
 import math
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from mmdet.registry import MODELS
@@ -17,8 +17,6 @@ from torch.nn.modules.utils import _pair, _single
 
 from mmdet_dcnv2.ops import modulated_deform_conv2d
 
-from .legacy_keys import migrate_legacy_offset_keys_at_parent
-
 IntPair = Union[int, Tuple[int, int]]
 
 
@@ -27,7 +25,8 @@ class _DeformConvPack(nn.Module):
 
     Subclasses set ``points_per_tap``, how many channels of ``conv_offset`` each kernel tap of
     each deformable group gets (2 for (dy, dx); 3 with the modulation scalar), and define
-    ``reset_parameters`` (the weight initialisation of their mmcv counterpart).
+    ``reset_parameters`` (the weight initialisation of their mmcv counterpart) and
+    ``offset_and_mask`` (how ``conv_offset``'s channels become the op's offsets and masks).
     """
 
     points_per_tap: int
@@ -80,7 +79,13 @@ class _DeformConvPack(nn.Module):
         self.reset_parameters()
         self.init_offset()
 
-    def _deform(self, x: Tensor, offset: Tensor, mask) -> Tensor:
+    def offset_and_mask(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """What the layer samples ``x`` with: offsets (N, 2 * deform_groups * taps, Ho, Wo), (dy, dx) per
+        tap, and masks (N, deform_groups * taps, Ho, Wo), or None for DConv (no modulation)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        offset, mask = self.offset_and_mask(x)
         return modulated_deform_conv2d(x, offset, mask, self.weight, self.bias, self.stride, self.padding,
                                        self.dilation, self.groups, self.deform_groups)
 
@@ -115,9 +120,9 @@ class MDConv(_DeformConvPack):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def offset_and_mask(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         o1, o2, mask = torch.chunk(self.conv_offset(x), 3, dim=1)
-        return self._deform(x, torch.cat((o1, o2), dim=1), torch.sigmoid(mask))
+        return torch.cat((o1, o2), dim=1), torch.sigmoid(mask)
 
 
 @MODELS.register_module()
@@ -145,8 +150,6 @@ class DConv(_DeformConvPack):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self._deform(x, self.conv_offset(x), None)
+    def offset_and_mask(self, x: Tensor) -> Tuple[Tensor, None]:
+        return self.conv_offset(x), None
 
-
-migrate_legacy_offset_keys_at_parent(MDConv, DConv)
