@@ -1,6 +1,7 @@
-// The mmdet_dcnv2 operator library: schemas (declared once, here), the argument checks every backend
-// shares, and build information. Backends only add implementations (cpu/, cuda/); autograd and fake
-// kernels are registered from Python (mmdet_dcnv2/ops).
+// The mmdet_dcnv2 operator library: schemas (declared once, here) and build information. Backends
+// only add implementations (cpu/, cuda/), each starting from the operands that deform_conv.cpp and
+// deform_roi_pool.cpp check (arg_checks.h holds their shared helpers); autograd and fake kernels are
+// registered from Python (mmdet_dcnv2/ops).
 #include <Python.h>
 #include <torch/library.h>
 

@@ -28,6 +28,7 @@
 
 #include <limits>
 
+#include "../data_or_null.h"
 #include "../deform_conv.h"
 #include "grid_stride.cuh"
 
@@ -62,14 +63,14 @@ template <typename scalar_t, typename acc_t, typename index_t>
 __device__ __forceinline__ Corners<acc_t, index_t> item_corners(const Item<index_t>& it, const ConvGeometry& g,
                                                                  index_t n, const scalar_t* offset,
                                                                  const scalar_t* mask, acc_t& m) {
-  const index_t pixels = static_cast<index_t>(g.pixels()), taps = static_cast<index_t>(g.taps());
-  const index_t rows = static_cast<index_t>(g.deform_groups) * taps, row = it.grp * taps + it.k;
+  const index_t pixels = static_cast<index_t>(g.pixels());
+  const index_t row = g.sampling_row(it.grp, it.k);
   const index_t oy = it.p / static_cast<index_t>(g.out_w), ox = it.p % static_cast<index_t>(g.out_w);
   const index_t ki = it.k / static_cast<index_t>(g.kernel_w), kj = it.k % static_cast<index_t>(g.kernel_w);
-  const scalar_t* off = offset + (n * 2 * rows + 2 * row) * pixels + it.p;
+  const scalar_t* off = offset + g.offset_index(n, row, it.p);
   const acc_t y = conv_base_y<acc_t>(g.sampling, oy, ki) + static_cast<acc_t>(off[0]);
   const acc_t x = conv_base_x<acc_t>(g.sampling, ox, kj) + static_cast<acc_t>(off[pixels]);
-  m = mask ? static_cast<acc_t>(mask[(n * rows + row) * pixels + it.p]) : acc_t(1);
+  m = mask ? static_cast<acc_t>(mask[g.mask_index(n, row, it.p)]) : acc_t(1);
   return zero_border_corners<acc_t, index_t>(y, x, static_cast<index_t>(g.height), static_cast<index_t>(g.width));
 }
 
@@ -110,7 +111,6 @@ __global__ void backprop_columns_kernel(index_t items, ConvGeometry g, ColumnTil
   const index_t plane = static_cast<index_t>(g.plane()), cols = static_cast<index_t>(tile.cols());
   const index_t width = static_cast<index_t>(tile.width()), p0 = static_cast<index_t>(tile.p0);
   const index_t cpg = static_cast<index_t>(g.in_per_deform_group());
-  const index_t rows = static_cast<index_t>(g.deform_groups) * taps;
   auto atomic_add = [](acc_t* ptr, acc_t v) { gpuAtomicAdd(ptr, v); };
   for (index_t item = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; item < items;
        item += static_cast<index_t>(blockDim.x) * gridDim.x) {
@@ -139,9 +139,9 @@ __global__ void backprop_columns_kernel(index_t items, ConvGeometry g, ColumnTil
       }
     }
     if (!grad_offset) continue;
-    const index_t row = it.grp * taps + it.k;
-    acc_t* go = grad_offset + (n * 2 * rows + 2 * row) * pixels + it.p;
-    acc_t* gm = grad_mask ? grad_mask + (n * rows + row) * pixels + it.p : nullptr;
+    const index_t row = g.sampling_row(it.grp, it.k);
+    acc_t* go = grad_offset + g.offset_index(n, row, it.p);
+    acc_t* gm = grad_mask ? grad_mask + g.mask_index(n, row, it.p) : nullptr;
     if (blocks_per_group == 1) {  // this thread saw every channel of the group: no other writer
       go[0] = dy_sum * m;
       go[pixels] = dx_sum * m;
@@ -246,16 +246,15 @@ class CudaColumns final : public ColumnKernels {
   }
 
   void fill_columns(const at::Tensor& columns) override {
-    auto launch = [&](auto index_zero) {
+    with_index_type(wide_index_, [&](auto index_zero) {
       using index_t = decltype(index_zero);
       DCN_LAUNCH(blocks_for(split_.items), kThreads, at::cuda::getCurrentCUDAStream(),
                  fill_columns_kernel<scalar_t, acc_t, index_t>)(
           split_.items, g_, tile_, split_.channels_per_block, split_.blocks_per_group,
-          input_.const_data_ptr<scalar_t>(), offset_.const_data_ptr<scalar_t>(), mask_ptr(),
+          input_.const_data_ptr<scalar_t>(), offset_.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(mask_),
           columns.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    wide_index_ ? launch(int64_t(0)) : launch(int32_t(0));
+    });
   }
 
   void backprop_columns(const at::Tensor& grad_columns, ConvGrads& grads) override {
@@ -266,18 +265,17 @@ class CudaColumns final : public ColumnKernels {
     // thread that sees all of the group's channels (only this kernel needs that: the forward and the
     // weight gradient's columns have no atomics to avoid).
     const Split split = deterministic ? split_into(1) : split_;
-    acc_t* grad_input = deterministic ? nullptr : data_or_null(grads.input);
-    auto launch = [&](auto index_zero) {
+    acc_t* grad_input = deterministic ? nullptr : mutable_data_or_null<acc_t>(grads.input);
+    with_index_type(wide_index_, [&](auto index_zero) {
       using index_t = decltype(index_zero);
       DCN_LAUNCH(blocks_for(split.items), kThreads, at::cuda::getCurrentCUDAStream(),
                  backprop_columns_kernel<scalar_t, acc_t, index_t>)(
           split.items, g_, tile_, split.channels_per_block, split.blocks_per_group,
-          input_.const_data_ptr<scalar_t>(), offset_.const_data_ptr<scalar_t>(), mask_ptr(),
-          grad_columns.const_data_ptr<scalar_t>(), grad_input, data_or_null(grads.offset),
-          data_or_null(grads.mask));
+          input_.const_data_ptr<scalar_t>(), offset_.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(mask_),
+          grad_columns.const_data_ptr<scalar_t>(), grad_input, mutable_data_or_null<acc_t>(grads.offset),
+          mutable_data_or_null<acc_t>(grads.mask));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    wide_index_ ? launch(int64_t(0)) : launch(int32_t(0));
+    });
   }
 
  private:
@@ -302,19 +300,18 @@ class CudaColumns final : public ColumnKernels {
     at::Tensor keys = at::empty({entries}, options.dtype(at::kLong));
     at::Tensor weights = at::empty({entries}, options.dtype(grad_input.scalar_type()));
     at::Tensor masks = at::empty({samples}, options.dtype(grad_input.scalar_type()));
-    auto fill = [&](auto index_zero) {
+    with_index_type(wide_index_, [&](auto index_zero) {
       using index_t = decltype(index_zero);
       DCN_LAUNCH(blocks_for(samples), kThreads, at::cuda::getCurrentCUDAStream(),
                  corner_entries_kernel<scalar_t, acc_t, index_t>)(
-          samples, g_, tile_, offset_.const_data_ptr<scalar_t>(), mask_ptr(), keys.data_ptr<int64_t>(),
-          weights.data_ptr<acc_t>(), masks.data_ptr<acc_t>());
+          samples, g_, tile_, offset_.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(mask_),
+          keys.data_ptr<int64_t>(), weights.data_ptr<acc_t>(), masks.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    wide_index_ ? fill(int64_t(0)) : fill(int32_t(0));
+    });
     // Stable: entries of one element stay in entry order, so the sum below has a fixed order.
     const auto [sorted_keys, order] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
     const int64_t items = tile_.count * g_.in_channels * g_.plane();
-    auto gather = [&](auto index_zero) {
+    with_index_type(wide_index_, [&](auto index_zero) {
       using index_t = decltype(index_zero);
       DCN_LAUNCH(blocks_for(items), kThreads, at::cuda::getCurrentCUDAStream(),
                  gather_grad_input_kernel<scalar_t, acc_t, index_t>)(
@@ -322,12 +319,8 @@ class CudaColumns final : public ColumnKernels {
           weights.const_data_ptr<acc_t>(), masks.const_data_ptr<acc_t>(), grad_columns.const_data_ptr<scalar_t>(),
           grad_input.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    wide_index_ ? gather(int64_t(0)) : gather(int32_t(0));
+    });
   }
-
-  const scalar_t* mask_ptr() const { return mask_.defined() ? mask_.const_data_ptr<scalar_t>() : nullptr; }
-  static acc_t* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<acc_t>() : nullptr; }
 
   const ConvGeometry& g_;
   const at::Tensor &input_, &offset_, &mask_;

@@ -35,6 +35,7 @@
 #include <limits>
 #include <tuple>
 
+#include "../data_or_null.h"
 #include "../deform_roi_pool.h"
 #include "grid_stride.cuh"
 
@@ -64,18 +65,10 @@ __device__ __forceinline__ Item<index_t> decompose(index_t item, const RoIPoolGe
 }
 
 template <typename scalar_t, typename acc_t, typename index_t>
-__device__ __forceinline__ RoIBin<acc_t> item_bin(const Item<index_t>& it, const RoIPoolGeometry& g,
-                                                  const scalar_t* rois, const scalar_t* offset) {
-  const index_t pw = static_cast<index_t>(g.pooled_w);
-  return roi_pool_bin<acc_t>(g, rois, offset, it.r, it.bin / pw, it.bin % pw);
-}
-
-template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void forward_kernel(index_t items, RoIPoolGeometry g, index_t channel_blocks,
                                const scalar_t* __restrict__ input, const scalar_t* __restrict__ rois,
                                const scalar_t* __restrict__ offset, scalar_t* __restrict__ output) {
   const index_t plane = static_cast<index_t>(g.plane()), bins = static_cast<index_t>(g.bins());
-  const index_t channels = static_cast<index_t>(g.channels);
   const index_t height = static_cast<index_t>(g.height), width = static_cast<index_t>(g.width);
   for (index_t item = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; item < items;
        item += static_cast<index_t>(blockDim.x) * gridDim.x) {
@@ -84,9 +77,9 @@ __global__ void forward_kernel(index_t items, RoIPoolGeometry g, index_t channel
     acc_t count = acc_t(1);
     const int64_t n = roi_batch_index(static_cast<acc_t>(rois[it.r * 5]), g.batch);
     if (n >= 0) {
-      const RoIBin<acc_t> b = item_bin<scalar_t, acc_t>(it, g, rois, offset);
+      const RoIBin<acc_t> b = roi_pool_bin<acc_t>(g, rois, offset, it.r, it.bin);
       count = roi_bin_count(b);
-      const scalar_t* x = input + (static_cast<index_t>(n) * channels + it.c_begin) * plane;
+      const scalar_t* x = input + g.input_plane(static_cast<index_t>(n), it.c_begin);
       for (int64_t iy = 0; iy < b.grid_h; ++iy) {
         for (int64_t ix = 0; ix < b.grid_w; ++ix) {
           const Corners<acc_t, index_t> corners = roi_sample_corners<acc_t, index_t>(b, iy, ix, height, width);
@@ -98,7 +91,7 @@ __global__ void forward_kernel(index_t items, RoIPoolGeometry g, index_t channel
         }
       }
     }
-    scalar_t* out = output + (it.r * channels + it.c_begin) * bins + it.bin;
+    scalar_t* out = output + g.output_index(it.r, it.c_begin, it.bin);
 #pragma unroll
     for (int j = 0; j < kChannels; ++j) {
       if (j < it.width) out[j * bins] = static_cast<scalar_t>(sums[j] / count);
@@ -116,7 +109,6 @@ __global__ void backward_kernel(index_t items, RoIPoolGeometry g, index_t channe
                                 const scalar_t* __restrict__ offset, const scalar_t* __restrict__ grad_output,
                                 acc_t* __restrict__ grad_input, acc_t* __restrict__ grad_offset) {
   const index_t plane = static_cast<index_t>(g.plane()), bins = static_cast<index_t>(g.bins());
-  const index_t channels = static_cast<index_t>(g.channels);
   const index_t height = static_cast<index_t>(g.height), width = static_cast<index_t>(g.width);
   auto atomic_add = [](acc_t* ptr, acc_t v) { gpuAtomicAdd(ptr, v); };
   for (index_t item = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; item < items;
@@ -124,10 +116,10 @@ __global__ void backward_kernel(index_t items, RoIPoolGeometry g, index_t channe
     const Item<index_t> it = decompose<index_t>(item, g, channel_blocks);
     const int64_t n = roi_batch_index(static_cast<acc_t>(rois[it.r * 5]), g.batch);
     if (n < 0) continue;  // grad_offset is zero-initialised: nothing to write
-    const RoIBin<acc_t> b = item_bin<scalar_t, acc_t>(it, g, rois, offset);
+    const RoIBin<acc_t> b = roi_pool_bin<acc_t>(g, rois, offset, it.r, it.bin);
     const acc_t count = roi_bin_count(b);
-    const index_t plane0 = (static_cast<index_t>(n) * channels + it.c_begin) * plane;
-    const scalar_t* gout = grad_output + (it.r * channels + it.c_begin) * bins + it.bin;
+    const index_t plane0 = g.input_plane(static_cast<index_t>(n), it.c_begin);
+    const scalar_t* gout = grad_output + g.output_index(it.r, it.c_begin, it.bin);
     acc_t grads[kChannels];
 #pragma unroll
     for (int j = 0; j < kChannels; ++j) grads[j] = j < it.width ? static_cast<acc_t>(gout[j * bins]) / count : acc_t(0);
@@ -157,7 +149,8 @@ __global__ void backward_kernel(index_t items, RoIPoolGeometry g, index_t channe
     if (!grad_offset || !sampled) continue;
     const acc_t gamma = static_cast<acc_t>(g.gamma);
     const bool own_slice = offset_slices == channel_blocks;  // no other writer
-    acc_t* go = grad_offset + (it.r * offset_slices + (own_slice ? it.cblock : index_t(0))) * 2 * bins + it.bin;
+    // grad_offset is (R * offset_slices, 2, out_h, out_w): this item's RoI slice is r * offset_slices + slice.
+    acc_t* go = grad_offset + g.offset_index(it.r * offset_slices + (own_slice ? it.cblock : index_t(0)), it.bin);
     if (own_slice) {
       go[0] = gamma * b.roi_w * d_x;
       go[bins] = gamma * b.roi_h * d_y;
@@ -179,14 +172,14 @@ constexpr int64_t kNoTarget = std::numeric_limits<int64_t>::max();
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void count_samples_kernel(index_t items, RoIPoolGeometry g, const scalar_t* __restrict__ rois,
                                      const scalar_t* __restrict__ offset, int64_t* __restrict__ counts) {
-  const index_t bins = static_cast<index_t>(g.bins()), pw = static_cast<index_t>(g.pooled_w);
+  const index_t bins = static_cast<index_t>(g.bins());
   const index_t height = static_cast<index_t>(g.height), width = static_cast<index_t>(g.width);
   for (index_t item = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; item < items;
        item += static_cast<index_t>(blockDim.x) * gridDim.x) {
     const index_t r = item / bins, bin = item % bins;
     int64_t count = 0;
     if (roi_batch_index(static_cast<acc_t>(rois[r * 5]), g.batch) >= 0) {
-      const RoIBin<acc_t> b = roi_pool_bin<acc_t>(g, rois, offset, r, bin / pw, bin % pw);
+      const RoIBin<acc_t> b = roi_pool_bin<acc_t>(g, rois, offset, r, bin);
       for (int64_t iy = 0; iy < b.grid_h; ++iy) {
         for (int64_t ix = 0; ix < b.grid_w; ++ix) {
           count += !no_sample(roi_sample_corners<acc_t, index_t>(b, iy, ix, height, width));
@@ -205,14 +198,14 @@ __global__ void sample_entries_kernel(index_t items, RoIPoolGeometry g, const sc
                                       const scalar_t* __restrict__ offset, const int64_t* __restrict__ starts,
                                       int64_t* __restrict__ keys, acc_t* __restrict__ weights,
                                       acc_t* __restrict__ counts, int64_t* __restrict__ sample_bins) {
-  const index_t bins = static_cast<index_t>(g.bins()), pw = static_cast<index_t>(g.pooled_w);
+  const index_t bins = static_cast<index_t>(g.bins());
   const index_t height = static_cast<index_t>(g.height), width = static_cast<index_t>(g.width);
   for (index_t item = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; item < items;
        item += static_cast<index_t>(blockDim.x) * gridDim.x) {
     const index_t r = item / bins, bin = item % bins;
     const int64_t n = roi_batch_index(static_cast<acc_t>(rois[r * 5]), g.batch);
     if (n < 0) continue;
-    const RoIBin<acc_t> b = roi_pool_bin<acc_t>(g, rois, offset, r, bin / pw, bin % pw);
+    const RoIBin<acc_t> b = roi_pool_bin<acc_t>(g, rois, offset, r, bin);
     counts[item] = roi_bin_count(b);
     int64_t s = starts[item];
     for (int64_t iy = 0; iy < b.grid_h; ++iy) {
@@ -256,46 +249,35 @@ __global__ void gather_grad_input_kernel(index_t items, RoIPoolGeometry g, int64
       const int64_t entry = order[e], bin_item = sample_bins[entry / 4];
       const int64_t r = bin_item / bins, bin = bin_item % bins;
       // The atomic path's product: (grad / count) * weight.
-      sum += static_cast<acc_t>(grad_output[(r * channels + c) * bins + bin]) / counts[bin_item] * weights[entry];
+      sum += static_cast<acc_t>(grad_output[g.output_index<int64_t>(r, c, bin)]) / counts[bin_item] * weights[entry];
     }
     grad_input[item] = sum;
   }
 }
 
-template <typename T>
-const T* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
-}
-
-template <typename T>
-T* mutable_data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
-
 int64_t channel_blocks_of(const RoIPoolGeometry& g) { return (g.channels + kChannels - 1) / kChannels; }
 
-at::Tensor forward_cuda(const at::Tensor& input_, const at::Tensor& rois_, const std::optional<at::Tensor>& offset_,
+at::Tensor forward_cuda(const at::Tensor& input, const at::Tensor& rois, const std::optional<at::Tensor>& offset,
                         at::IntArrayRef output_size, double spatial_scale, int64_t sampling_ratio, double gamma) {
-  const RoIPoolGeometry g =
-      check_deform_roi_pool_args(input_, rois_, offset_, output_size, spatial_scale, sampling_ratio, gamma);
-  const c10::cuda::CUDAGuard guard(input_.device());
-  const at::Tensor input = input_.contiguous(), rois = rois_.contiguous();
-  const at::Tensor offset = offset_.has_value() ? offset_->contiguous() : at::Tensor();
-  at::Tensor output = at::empty({g.num_rois, g.channels, g.pooled_h, g.pooled_w}, input.options());
+  // The checks first: a tensor on the wrong device gets the message naming it, not the guard's.
+  const RoIPoolOperands op =
+      deform_roi_pool_operands(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma);
+  const RoIPoolGeometry& g = op.g;
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor output = at::empty(g.output_shape(), op.input.options());
   if (output.numel() == 0) return output;
   const int64_t channel_blocks = channel_blocks_of(g), items = g.num_rois * channel_blocks * g.bins();
-  const int64_t offset_numel = offset.defined() ? offset.numel() : 0;
-  const bool wide = needs_wide_index({input.numel(), output.numel(), rois.numel(), offset_numel, items});
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "deform_roi_pool_cuda", [&] {
+  const int64_t offset_numel = op.offset.defined() ? op.offset.numel() : 0;
+  const bool wide = needs_wide_index({op.input.numel(), output.numel(), op.rois.numel(), offset_numel, items});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.input.scalar_type(), "deform_roi_pool_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto launch = [&](auto index_zero) {
+    with_index_type(wide, [&](auto index_zero) {
       using index_t = decltype(index_zero);
       DCN_LAUNCH(blocks_for(items), kThreads, at::cuda::getCurrentCUDAStream(), forward_kernel<scalar_t, acc_t, index_t>)(
-          items, g, channel_blocks, input.const_data_ptr<scalar_t>(), rois.const_data_ptr<scalar_t>(),
-          data_or_null<scalar_t>(offset), output.data_ptr<scalar_t>());
+          items, g, channel_blocks, op.input.const_data_ptr<scalar_t>(), op.rois.const_data_ptr<scalar_t>(),
+          data_or_null<scalar_t>(op.offset), output.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    wide ? launch(int64_t(0)) : launch(int32_t(0));
+    });
   });
   return output;
 }
@@ -309,7 +291,7 @@ void gather_grad_input(const RoIPoolGeometry& g, const at::Tensor& rois, const a
   const auto options = grad_input.options();
   const scalar_t* rois_ptr = rois.const_data_ptr<scalar_t>();
   const scalar_t* offset_ptr = data_or_null<scalar_t>(offset);
-  auto by_index = [&](auto index_zero) {
+  with_index_type(wide, [&](auto index_zero) {
     using index_t = decltype(index_zero);
     at::Tensor counts = at::empty({bin_items}, options.dtype(at::kLong));
     DCN_LAUNCH(blocks_for(bin_items), kThreads, at::cuda::getCurrentCUDAStream(),
@@ -338,22 +320,21 @@ void gather_grad_input(const RoIPoolGeometry& g, const at::Tensor& rois, const a
         weights.const_data_ptr<acc_t>(), bin_counts.const_data_ptr<acc_t>(), sample_bins.const_data_ptr<int64_t>(),
         grad_output.const_data_ptr<scalar_t>(), grad_input.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  wide ? by_index(int64_t(0)) : by_index(int32_t(0));
+  });
 }
 
-std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_output_, const at::Tensor& input_,
-                                                 const at::Tensor& rois_, const std::optional<at::Tensor>& offset_,
+std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_output_, const at::Tensor& input,
+                                                 const at::Tensor& rois, const std::optional<at::Tensor>& offset,
                                                  at::IntArrayRef output_size, double spatial_scale,
                                                  int64_t sampling_ratio, double gamma,
                                                  std::array<bool, 2> output_mask) {
-  const RoIPoolGeometry g =
-      check_deform_roi_pool_args(input_, rois_, offset_, output_size, spatial_scale, sampling_ratio, gamma);
-  check_deform_roi_pool_grad_output(grad_output_, input_, g);
-  const c10::cuda::CUDAGuard guard(input_.device());
-  const bool need_input = output_mask[0], need_offset = output_mask[1] && offset_.has_value();
-  const at::Tensor input = input_.contiguous(), rois = rois_.contiguous(), grad_output = grad_output_.contiguous();
-  const at::Tensor offset = offset_.has_value() ? offset_->contiguous() : at::Tensor();
+  const RoIPoolOperands op =
+      deform_roi_pool_operands(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma);
+  const RoIPoolGeometry& g = op.g;
+  check_deform_roi_pool_grad_output(grad_output_, op.input, g);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const bool need_input = output_mask[0], need_offset = output_mask[1] && op.offset.defined();
+  const at::Tensor grad_output = grad_output_.contiguous();
   const int64_t channel_blocks = channel_blocks_of(g), items = g.num_rois * channel_blocks * g.bins();
   // No alertNotDeterministic: under deterministic algorithms grad_input is gathered and every channel
   // block writes grad_offset to its own slice.
@@ -361,32 +342,32 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_output_,
   const int64_t offset_slices = deterministic ? channel_blocks : 1;
 
   // Both gradients are sums: accumulate them in opmath (float for half types).
-  const auto acc_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
-  at::Tensor grad_input = need_input ? at::zeros(input.sizes(), acc_options) : at::Tensor();
+  const auto acc_options = op.input.options().dtype(at::toOpMathType(op.input.scalar_type()));
+  at::Tensor grad_input = need_input ? at::zeros(op.input.sizes(), acc_options) : at::Tensor();
   at::Tensor grad_offset =
       need_offset ? at::zeros({g.num_rois, offset_slices, 2, g.pooled_h, g.pooled_w}, acc_options) : at::Tensor();
-  const int64_t offset_numel = offset.defined() ? offset.numel() : 0;
-  const bool wide = needs_wide_index({input.numel(), grad_output.numel(), rois.numel(), offset_numel, items,
+  const int64_t offset_numel = op.offset.defined() ? op.offset.numel() : 0;
+  const bool wide = needs_wide_index({op.input.numel(), grad_output.numel(), op.rois.numel(), offset_numel, items,
                                       grad_offset.defined() ? grad_offset.numel() : 0});
   const bool scatter_input = need_input && !deterministic;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "deform_roi_pool_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.input.scalar_type(), "deform_roi_pool_backward_cuda",
+                                  [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (need_input && deterministic && grad_input.numel() > 0 && g.num_rois > 0) {
-      gather_grad_input<scalar_t, acc_t>(g, rois, offset, grad_output, grad_input, wide);
+      gather_grad_input<scalar_t, acc_t>(g, op.rois, op.offset, grad_output, grad_input, wide);
     }
     if (!(scatter_input || need_offset) || items == 0) return;
-    auto launch = [&](auto index_zero) {
+    with_index_type(wide, [&](auto index_zero) {
       using index_t = decltype(index_zero);
       DCN_LAUNCH(blocks_for(items), kThreads, at::cuda::getCurrentCUDAStream(), backward_kernel<scalar_t, acc_t, index_t>)(
-          items, g, channel_blocks, offset_slices, input.const_data_ptr<scalar_t>(), rois.const_data_ptr<scalar_t>(),
-          data_or_null<scalar_t>(offset), grad_output.const_data_ptr<scalar_t>(),
+          items, g, channel_blocks, offset_slices, op.input.const_data_ptr<scalar_t>(),
+          op.rois.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(op.offset), grad_output.const_data_ptr<scalar_t>(),
           scatter_input ? grad_input.data_ptr<acc_t>() : nullptr, mutable_data_or_null<acc_t>(grad_offset));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    wide ? launch(int64_t(0)) : launch(int32_t(0));
+    });
   });
   auto finish = [&](const at::Tensor& acc) {
-    return acc.defined() ? acc.to(input.scalar_type()) : at::empty({0}, input.options());
+    return acc.defined() ? acc.to(op.input.scalar_type()) : at::empty({0}, op.input.options());
   };
   // The slices' sum: a reduction, which PyTorch runs deterministically.
   const at::Tensor offset_sum = grad_offset.defined() ? grad_offset.sum(1) : at::Tensor();

@@ -36,4 +36,16 @@ inline bool needs_wide_index(std::initializer_list<int64_t> sizes) {
   return DCN_FORCE_WIDE_INDEX() || std::max(sizes) > kLimit;
 }
 
+// Runs fn with a zero of the index type to instantiate the kernels for: int64_t where `wide` (see
+// needs_wide_index), int32_t otherwise. fn is a generic lambda that starts with
+// `using index_t = decltype(index_zero);`; both instantiations are compiled, one runs.
+template <typename Fn>
+void with_index_type(bool wide, Fn&& fn) {
+  if (wide) {
+    fn(int64_t(0));
+  } else {
+    fn(int32_t(0));
+  }
+}
+
 }  // namespace mmdet_dcnv2
