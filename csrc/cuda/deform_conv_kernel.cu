@@ -200,15 +200,7 @@ __global__ void gather_grad_input_kernel(index_t items, ConvGeometry g, ColumnTi
        item += static_cast<index_t>(blockDim.x) * gridDim.x) {
     const index_t pixel = item % plane, c = (item / plane) % channels, b = item / (plane * channels);
     const int64_t key = (int64_t(b) * g.deform_groups + c / cpg) * plane + pixel;
-    int64_t lo = 0, hi = entries;  // first entry with a key >= key
-    while (lo < hi) {
-      const int64_t mid = lo + (hi - lo) / 2;
-      if (sorted_keys[mid] < key) {
-        lo = mid + 1;
-      } else {
-        hi = mid;
-      }
-    }
+    const int64_t lo = first_entry(sorted_keys, entries, key);
     if (lo == entries || sorted_keys[lo] != key) continue;
     const scalar_t* gcol = grad_columns + int64_t(c) * per_channel;
     acc_t sum = acc_t(0);

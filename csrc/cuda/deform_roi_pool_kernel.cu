@@ -235,15 +235,7 @@ __global__ void gather_grad_input_kernel(index_t items, RoIPoolGeometry g, int64
        item += static_cast<index_t>(blockDim.x) * gridDim.x) {
     const index_t pixel = item % plane, c = (item / plane) % channels, n = item / (plane * channels);
     const int64_t key = int64_t(n) * plane + pixel;
-    int64_t lo = 0, hi = entries;  // first entry with a key >= key
-    while (lo < hi) {
-      const int64_t mid = lo + (hi - lo) / 2;
-      if (sorted_keys[mid] < key) {
-        lo = mid + 1;
-      } else {
-        hi = mid;
-      }
-    }
+    const int64_t lo = first_entry(sorted_keys, entries, key);
     acc_t sum = acc_t(0);
     for (int64_t e = lo; e < entries && sorted_keys[e] == key; ++e) {
       const int64_t entry = order[e], bin_item = sample_bins[entry / 4];

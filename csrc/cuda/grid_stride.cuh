@@ -1,5 +1,5 @@
 // Launch helpers shared by the CUDA kernels: grid-stride loops over an item count, the choice
-// between 32- and 64-bit indices, and the launch itself.
+// between 32- and 64-bit indices, the launch itself, and the lookup of the deterministic gathers.
 //
 // The kernels also compile for the host, for the test-only host-run build (host_emulation.h, which
 // then defines DCN_LAUNCH and the test hooks below); in the CUDA build these are plain <<<>>>
@@ -46,6 +46,21 @@ void with_index_type(bool wide, Fn&& fn) {
   } else {
     fn(int32_t(0));
   }
+}
+
+// The deterministic gathers' lookup: the first of `entries` ascending keys that is >= key (entries
+// where there is none).
+__device__ __forceinline__ int64_t first_entry(const int64_t* sorted_keys, int64_t entries, int64_t key) {
+  int64_t lo = 0, hi = entries;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (sorted_keys[mid] < key) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
 }
 
 }  // namespace mmdet_dcnv2
