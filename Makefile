@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 
 SOURCES := setup.py pyproject.toml $(wildcard model-index.yml) $(shell find csrc mmdet_dcnv2 configs tools -type f \( -name '*.py' -o -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.json' -o -name '*.yml' \) 2>/dev/null)
 
-.PHONY: env install test test-fast release-check demo demo-compare spatial-support clean
+.PHONY: env install lint format test test-fast release-check demo demo-compare spatial-support clean
 
 env: $(VENV)/.env-done
 
@@ -36,12 +36,24 @@ $(VENV)/.install-done: $(VENV)/.env-done $(SOURCES)
 	$(PY) -P -c "import mmdet_dcnv2.ops as ops; print('mmdet_dcnv2 built with', ops.build_info())"
 	touch $@
 
+# Style (seconds): ruff's lint and format check for Python, clang-format for csrc/. `make format` fixes.
+CSRC := $(shell find csrc -type f \( -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' \) | sort)
+lint: env
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CSRC)
+
+format: env
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/clang-format -i $(CSRC)
+
 # The pytest script (not `python -m pytest`) keeps the source tree off sys.path: tests import the
 # installed package, which has the compiled extension.
-test: install
+test: lint install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: lint install
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
 # Before a release (not in CI: ~15 min or more): the README's `make test` in a fresh clone of HEAD in a

@@ -10,8 +10,8 @@ import glob
 import importlib.util
 import os
 import re
-import subprocess
 import shutil
+import subprocess
 import sys
 
 import torch
@@ -22,7 +22,8 @@ from torch.utils import cpp_extension
 # The build record's helpers, loaded by path: the package itself cannot be imported before it is built.
 HERE = os.path.dirname(os.path.abspath(__file__))
 _spec = importlib.util.spec_from_file_location(
-    "_build_record", os.path.join(HERE, "mmdet_dcnv2", "ops", "_build_record.py"))
+    "_build_record", os.path.join(HERE, "mmdet_dcnv2", "ops", "_build_record.py")
+)
 build_record = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build_record)
 
@@ -68,9 +69,12 @@ def want_cuda():
         # automatic mode that is no reason to fail the install, only to leave CUDA out.
         toolkit, torch_cuda = nvcc_version(), torch.version.cuda
         if toolkit.split(".")[0] != torch_cuda.split(".")[0]:
-            print(f"mmdet_dcnv2: the CUDA toolkit at {cpp_extension.CUDA_HOME} is CUDA {toolkit}, but torch was "
-                  f"built with CUDA {torch_cuda} (major versions must match): building without CUDA kernels. "
-                  f"Point CUDA_HOME at a CUDA {torch_cuda.split('.')[0]}.x toolkit to build them.", flush=True)
+            print(
+                f"mmdet_dcnv2: the CUDA toolkit at {cpp_extension.CUDA_HOME} is CUDA {toolkit}, but torch was "
+                f"built with CUDA {torch_cuda} (major versions must match): building without CUDA kernels. "
+                f"Point CUDA_HOME at a CUDA {torch_cuda.split('.')[0]}.x toolkit to build them.",
+                flush=True,
+            )
             return False
     return found if choice == "auto" else choice == "1"
 
@@ -95,8 +99,13 @@ def extension():
     if not with_cuda:
         print(summary + " only (no CUDA toolkit found or MMDET_DCNV2_WITH_CUDA=0)", flush=True)
         return cpp_extension.CppExtension(
-            "mmdet_dcnv2._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=["-fopenmp"], py_limited_api=True)
+            "mmdet_dcnv2._C",
+            sources,
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+            py_limited_api=True,
+        )
 
     cuda_version = nvcc_version()
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -106,16 +115,24 @@ def extension():
     if not os.path.exists(cusparse_home):
         extra = nvidia_wheel_include_dirs()
         os.environ["CPATH"] = os.pathsep.join(filter(None, [os.environ.get("CPATH")] + extra))
-    macros += [("MMDET_DCNV2_WITH_CUDA", None), ("MMDET_DCNV2_CUDA_VERSION", f'"{cuda_version}"'),
-               ("MMDET_DCNV2_CUDA_ARCH_LIST", f'"{arch_list}"')]
-    print(f"{summary} and CUDA {cuda_version} kernels for {arch_list} (nvcc from {cpp_extension.CUDA_HOME})",
-          flush=True)
+    macros += [
+        ("MMDET_DCNV2_WITH_CUDA", None),
+        ("MMDET_DCNV2_CUDA_VERSION", f'"{cuda_version}"'),
+        ("MMDET_DCNV2_CUDA_ARCH_LIST", f'"{arch_list}"'),
+    ]
+    print(
+        f"{summary} and CUDA {cuda_version} kernels for {arch_list} (nvcc from {cpp_extension.CUDA_HOME})", flush=True
+    )
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     return cpp_extension.CUDAExtension(
-        "mmdet_dcnv2._C", sources, define_macros=macros,
+        "mmdet_dcnv2._C",
+        sources,
+        define_macros=macros,
         # (torch's cpp_extension already passes --expt-relaxed-constexpr)
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
-        extra_link_args=["-fopenmp"], py_limited_api=True)
+        extra_link_args=["-fopenmp"],
+        py_limited_api=True,
+    )
 
 
 # openmim finds a package's configs and tools under <package>/.mim, as mmdet ships them; the repo's

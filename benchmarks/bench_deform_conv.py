@@ -11,9 +11,9 @@ c5 (512, 25x38).
 """
 
 import argparse
+
 import torch
 import torch.nn.functional as F
-
 from timing import timed  # benchmarks/timing.py (the script's folder is on sys.path)
 
 from mmdet_dcnv2.ops import modulated_deform_conv2d
@@ -27,7 +27,8 @@ def contenders(device):
         import torchvision
 
         found["torchvision"] = lambda x, off, m, w, b, s, p, d, groups, dg: torchvision.ops.deform_conv2d(
-            x, off, w, b, stride=s, padding=p, dilation=d, mask=m)
+            x, off, w, b, stride=s, padding=p, dilation=d, mask=m
+        )
     except ImportError:
         pass
     if device == "cpu":
@@ -67,6 +68,7 @@ def bench_row(name, batch, deform_groups, dtype, device, repeat, funcs):
                     y = fn()
                     if grad:
                         y.sum().backward()
+
             return step
 
         dense = timed(run(lambda: F.conv2d(x, w, padding=1)), sync, repeat)
@@ -91,21 +93,30 @@ def main():
     args = parser.parse_args()
 
     if args.device == "cuda":
-        print(f"GPU: {torch.cuda.get_device_name()}; TF32: matmul={torch.backends.cuda.matmul.allow_tf32}, "
-              f"cudnn={torch.backends.cudnn.allow_tf32}")
+        print(
+            f"GPU: {torch.cuda.get_device_name()}; TF32: matmul={torch.backends.cuda.matmul.allow_tf32}, "
+            f"cudnn={torch.backends.cudnn.allow_tf32}"
+        )
     funcs = contenders(args.device)
     rows = [(name, 1, 1, torch.float32) for name in SHAPES]
     if not args.quick:
         rows += [(name, 2, 1, torch.float32) for name in SHAPES]
-        rows += [("c4", 1, 4, torch.float32), ("c4", 1, 1, torch.bfloat16),
-                 ("c4", 1, 1, torch.float16 if args.device == "cuda" else torch.bfloat16)]
+        rows += [
+            ("c4", 1, 4, torch.float32),
+            ("c4", 1, 1, torch.bfloat16),
+            ("c4", 1, 1, torch.float16 if args.device == "cuda" else torch.bfloat16),
+        ]
         rows = list(dict.fromkeys(rows))
     for threads in args.threads or [torch.get_num_threads()]:
         torch.set_num_threads(threads)
         print(f"\n{args.device}, {threads} thread(s); times relative to dense conv2d of the same shape")
         labels = list(funcs)
-        header = ["layer", "batch", "dg", "dtype", "dense fwd ms"] + [f"{lb} fwd" for lb in labels] + \
-                 ["dense f+b ms"] + [f"{lb} f+b" for lb in labels]
+        header = (
+            ["layer", "batch", "dg", "dtype", "dense fwd ms"]
+            + [f"{lb} fwd" for lb in labels]
+            + ["dense f+b ms"]
+            + [f"{lb} f+b" for lb in labels]
+        )
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
         for name, batch, dg, dtype in rows:

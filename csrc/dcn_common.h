@@ -127,8 +127,7 @@ DCN_HOST_DEVICE index_t zero_border_padded(acc_t y, acc_t x, index_t height, ind
 // not depend on the coordinate (its derivative is zero).
 template <typename acc_t, typename index_t>
 DCN_HOST_DEVICE Corners<acc_t, index_t> clamped_corners(acc_t y, acc_t x, index_t height, index_t width) {
-  if (height <= 0 || width <= 0 ||
-      !(y >= acc_t(-1) && x >= acc_t(-1) && y <= acc_t(height) && x <= acc_t(width))) {
+  if (height <= 0 || width <= 0 || !(y >= acc_t(-1) && x >= acc_t(-1) && y <= acc_t(height) && x <= acc_t(width))) {
     return no_corners<acc_t, index_t>();
   }
   Corners<acc_t, index_t> c;
@@ -233,9 +232,9 @@ DCN_HOST_DEVICE int64_t roi_grid_size(acc_t bin_size, int64_t sampling_ratio) {
 
 // roi points at (batch, x1, y1, x2, y2); off_x/off_y are the bin's normalised offsets (0 without).
 template <typename acc_t>
-DCN_HOST_DEVICE RoIBin<acc_t> roi_bin(acc_t x1, acc_t y1, acc_t x2, acc_t y2, int64_t ph, int64_t pw,
-                                      int64_t pooled_h, int64_t pooled_w, acc_t spatial_scale,
-                                      int64_t sampling_ratio, acc_t gamma, acc_t off_x, acc_t off_y) {
+DCN_HOST_DEVICE RoIBin<acc_t> roi_bin(acc_t x1, acc_t y1, acc_t x2, acc_t y2, int64_t ph, int64_t pw, int64_t pooled_h,
+                                      int64_t pooled_w, acc_t spatial_scale, int64_t sampling_ratio, acc_t gamma,
+                                      acc_t off_x, acc_t off_y) {
   RoIBin<acc_t> b;
   const acc_t start_x = x1 * spatial_scale - acc_t(0.5);
   const acc_t start_y = y1 * spatial_scale - acc_t(0.5);

@@ -5,11 +5,11 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
-#include "arg_checks.h"
-
 #include <algorithm>
 #include <atomic>
 #include <vector>
+
+#include "arg_checks.h"
 
 namespace mmdet_dcnv2 {
 
@@ -45,15 +45,15 @@ ConvGeometry check_deform_conv_args(const at::Tensor& input, const at::Tensor& o
 
   TORCH_CHECK_VALUE(g.kernel_h >= 1 && g.kernel_w >= 1, "weight must have a kernel of at least 1x1, got shape ",
                     shape_str(weight.sizes()));
-  TORCH_CHECK_VALUE(g.in_channels % groups == 0, "input channels (", g.in_channels,
-                    ") must be divisible by groups (", groups, ")");
+  TORCH_CHECK_VALUE(g.in_channels % groups == 0, "input channels (", g.in_channels, ") must be divisible by groups (",
+                    groups, ")");
   TORCH_CHECK_VALUE(g.out_channels % groups == 0, "weight's output channels (", g.out_channels,
                     ") must be divisible by groups (", groups, ")");
   TORCH_CHECK_VALUE(g.in_channels % deform_groups == 0, "input channels (", g.in_channels,
                     ") must be divisible by deform_groups (", deform_groups, ")");
-  TORCH_CHECK_VALUE(weight.size(1) * groups == g.in_channels, "weight must have C_in / groups = ",
-                    g.in_channels / groups, " input channels (input has ", g.in_channels, ", groups=", groups,
-                    "), got weight of shape ", shape_str(weight.sizes()));
+  TORCH_CHECK_VALUE(weight.size(1) * groups == g.in_channels,
+                    "weight must have C_in / groups = ", g.in_channels / groups, " input channels (input has ",
+                    g.in_channels, ", groups=", groups, "), got weight of shape ", shape_str(weight.sizes()));
 
   const int64_t span_h = g.sampling.dil_h * (g.kernel_h - 1) + 1;
   const int64_t span_w = g.sampling.dil_w * (g.kernel_w - 1) + 1;
@@ -66,9 +66,8 @@ ConvGeometry check_deform_conv_args(const at::Tensor& input, const at::Tensor& o
 
   const int64_t taps = g.taps();
   const std::vector<int64_t> offset_shape{g.batch, 2 * deform_groups * taps, g.out_h, g.out_w};
-  TORCH_CHECK_VALUE(offset.sizes() == at::IntArrayRef(offset_shape), "offset must have shape ",
-                    shape_str(offset_shape), " (N, 2 * deform_groups * kh * kw, H_out, W_out), got ",
-                    shape_str(offset.sizes()));
+  TORCH_CHECK_VALUE(offset.sizes() == at::IntArrayRef(offset_shape), "offset must have shape ", shape_str(offset_shape),
+                    " (N, 2 * deform_groups * kh * kw, H_out, W_out), got ", shape_str(offset.sizes()));
   if (mask.has_value()) {
     check_same_kind(*mask, "mask", input);
     const std::vector<int64_t> mask_shape{g.batch, deform_groups * taps, g.out_h, g.out_w};
@@ -77,8 +76,8 @@ ConvGeometry check_deform_conv_args(const at::Tensor& input, const at::Tensor& o
   }
   if (bias.has_value()) {
     check_same_kind(*bias, "bias", input);
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == g.out_channels, "bias must have shape [",
-                      g.out_channels, "], got ", shape_str(bias->sizes()));
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == g.out_channels, "bias must have shape [", g.out_channels,
+                      "], got ", shape_str(bias->sizes()));
   }
   return g;
 }
@@ -86,8 +85,8 @@ ConvGeometry check_deform_conv_args(const at::Tensor& input, const at::Tensor& o
 void check_deform_conv_grad_output(const at::Tensor& grad_output, const at::Tensor& input, const ConvGeometry& g) {
   check_same_kind(grad_output, "grad_output", input);
   const std::vector<int64_t> shape{g.batch, g.out_channels, g.out_h, g.out_w};
-  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(shape), "grad_output must have shape ",
-                    shape_str(shape), ", got ", shape_str(grad_output.sizes()));
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(shape), "grad_output must have shape ", shape_str(shape),
+                    ", got ", shape_str(grad_output.sizes()));
 }
 
 ConvOperands deform_conv_operands(const at::Tensor& input, const at::Tensor& offset,

@@ -64,7 +64,6 @@ struct ConvOperands {
   ConvGeometry g;
   at::Tensor input, offset, mask, weight;
   std::optional<at::Tensor> bias;
-
 };
 
 ConvOperands deform_conv_operands(const at::Tensor& input, const at::Tensor& offset,

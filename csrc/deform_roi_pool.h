@@ -92,9 +92,8 @@ DCN_HOST_DEVICE RoIBin<acc_t> roi_pool_bin(const RoIPoolGeometry& g, const scala
     off_y = static_cast<acc_t>(off[g.bins()]);
   }
   return roi_bin<acc_t>(static_cast<acc_t>(roi[1]), static_cast<acc_t>(roi[2]), static_cast<acc_t>(roi[3]),
-                        static_cast<acc_t>(roi[4]), ph, pw, g.pooled_h, g.pooled_w,
-                        static_cast<acc_t>(g.spatial_scale), g.sampling_ratio, static_cast<acc_t>(g.gamma), off_x,
-                        off_y);
+                        static_cast<acc_t>(roi[4]), ph, pw, g.pooled_h, g.pooled_w, static_cast<acc_t>(g.spatial_scale),
+                        g.sampling_ratio, static_cast<acc_t>(g.gamma), off_x, off_y);
 }
 
 // A bin's output is the mean of its samples; a bin with none (degenerate RoI) pools to zero.

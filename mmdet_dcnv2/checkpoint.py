@@ -31,7 +31,8 @@ def _history_buffer_statistic(owner: Any, name: str):
         return getattr(owner, name)
     raise pickle.UnpicklingError(
         f"weights_only load: getattr({owner!r}, {name!r}) is not allowed; mmdet_dcnv2 allows getattr only "
-        "for mmengine HistoryBuffer statistics methods")
+        "for mmengine HistoryBuffer statistics methods"
+    )
 
 
 def _numpy_multiarray():
@@ -41,9 +42,12 @@ def _numpy_multiarray():
 def safe_globals() -> List[Tuple[Any, str]]:
     """The allow-list, as (object, pickled name) pairs for ``torch.serialization.add_safe_globals``."""
     multiarray = _numpy_multiarray()
-    entries = [(_history_buffer_statistic, "builtins.getattr"),
-               (HistoryBuffer, "mmengine.logging.history_buffer.HistoryBuffer"),
-               (np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
+    entries = [
+        (_history_buffer_statistic, "builtins.getattr"),
+        (HistoryBuffer, "mmengine.logging.history_buffer.HistoryBuffer"),
+        (np.ndarray, "numpy.ndarray"),
+        (np.dtype, "numpy.dtype"),
+    ]
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         entries += [(multiarray._reconstruct, f"{module}._reconstruct"), (multiarray.scalar, f"{module}.scalar")]
     for name in _SCALAR_DTYPES:

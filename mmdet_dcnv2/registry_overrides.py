@@ -120,14 +120,19 @@ def _set(applied: bool) -> None:
 def apply_from_environment() -> Dict[str, type]:
     """What import does: :func:`apply` unless ``MMDET_DCNV2_OVERRIDE=0``, and log which it was."""
     if not override_enabled():
-        print_log(f"mmdet_dcnv2: {OVERRIDE_ENV}=0, mmdet's registry is left as it was (DCNv2/DCN are "
-                  "mmcv's); use MDConv, DConv, MDPool, DPool and RegistrySingleRoIExtractor by name",
-                  logger="current")
+        print_log(
+            f"mmdet_dcnv2: {OVERRIDE_ENV}=0, mmdet's registry is left as it was (DCNv2/DCN are "
+            "mmcv's); use MDConv, DConv, MDPool, DPool and RegistrySingleRoIExtractor by name",
+            logger="current",
+        )
         return {}
     replaced = apply()
     summary: List[str] = [f"{name} -> {cls.__name__}" for name, cls in replaced.items()]
-    print_log(f"mmdet_dcnv2: in mmdet's registry {', '.join(summary)} (our kernels); set "
-              f"{OVERRIDE_ENV}=0 to keep mmcv's/mmdet's", logger="current")
+    print_log(
+        f"mmdet_dcnv2: in mmdet's registry {', '.join(summary)} (our kernels); set "
+        f"{OVERRIDE_ENV}=0 to keep mmcv's/mmdet's",
+        logger="current",
+    )
     return replaced
 
 

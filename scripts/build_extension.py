@@ -41,8 +41,12 @@ def define_flag(name, value):
 
 # AddressSanitizer + UndefinedBehaviorSanitizer, float-cast-overflow included (a NaN or huge float
 # converted to an integer); every finding stops the process.
-SANITIZE_FLAGS = ["-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize-recover=all",
-                  "-fno-omit-frame-pointer", "-g"]
+SANITIZE_FLAGS = [
+    "-fsanitize=address,undefined,float-cast-overflow",
+    "-fno-sanitize-recover=all",
+    "-fno-omit-frame-pointer",
+    "-g",
+]
 
 
 def main():
@@ -75,9 +79,12 @@ def main():
     )
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(build_dir / "_C.so", target)
-    print(f"build_extension: {target} built in {time.time() - started:.0f} s "
-          f"(MAX_JOBS={os.environ.get('MAX_JOBS', 'default')}, "
-          f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPUs')})", flush=True)
+    print(
+        f"build_extension: {target} built in {time.time() - started:.0f} s "
+        f"(MAX_JOBS={os.environ.get('MAX_JOBS', 'default')}, "
+        f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPUs')})",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

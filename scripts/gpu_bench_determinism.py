@@ -55,12 +55,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=7)
     args = parser.parse_args()
-    print(f"GPU: {torch.cuda.get_device_name()}; TF32: matmul={torch.backends.cuda.matmul.allow_tf32}, "
-          f"cudnn={torch.backends.cudnn.allow_tf32}")
+    print(
+        f"GPU: {torch.cuda.get_device_name()}; TF32: matmul={torch.backends.cuda.matmul.allow_tf32}, "
+        f"cudnn={torch.backends.cudnn.allow_tf32}"
+    )
     print("| op | dtype | fwd+bwd ms (atomic) | fwd+bwd ms (deterministic) | ratio |")
     print("|---|---|---|---|---|")
-    rows = [(f"conv {name}", dtype, lambda s=shape, d=dtype: conv_step(*s, d))
-            for name, shape in CONV_SHAPES.items() for dtype in (torch.float32, torch.float16)]
+    rows = [
+        (f"conv {name}", dtype, lambda s=shape, d=dtype: conv_step(*s, d))
+        for name, shape in CONV_SHAPES.items()
+        for dtype in (torch.float32, torch.float16)
+    ]
     rows += [("pool 512x256x7x7", dtype, lambda d=dtype: pool_step(d)) for dtype in (torch.float32, torch.float16)]
     for label, dtype, make in rows:
         step = make()
@@ -71,8 +76,11 @@ def main():
                 times.append(timed(step, torch.cuda.synchronize, args.repeat))
             finally:
                 torch.use_deterministic_algorithms(False)
-        print(f"| {label} | {str(dtype).replace('torch.', '')} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | "
-              f"{times[1] / times[0]:.2f}x |", flush=True)
+        print(
+            f"| {label} | {str(dtype).replace('torch.', '')} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | "
+            f"{times[1] / times[0]:.2f}x |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

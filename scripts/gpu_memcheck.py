@@ -39,9 +39,18 @@ def conv(dtype, deterministic, budget):
 def pool(dtype, deterministic):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 9, 12, 14, generator=g)
-    rois = torch.tensor([[0, 1.5, 2.0, 9.0, 10.0], [1, -5.0, -4.0, 20.0, 30.0], [1, 3.0, 3.0, 3.0, 7.0],
-                         [0, 8.0, 7.0, 2.0, 1.0], [math.nan, 1.0, 1.0, 5.0, 5.0], [2, 1.0, 1.0, 5.0, 5.0],
-                         [-1, 1.0, 1.0, 5.0, 5.0], [0.5, 1.0, 1.0, 5.0, 5.0]])
+    rois = torch.tensor(
+        [
+            [0, 1.5, 2.0, 9.0, 10.0],
+            [1, -5.0, -4.0, 20.0, 30.0],
+            [1, 3.0, 3.0, 3.0, 7.0],
+            [0, 8.0, 7.0, 2.0, 1.0],
+            [math.nan, 1.0, 1.0, 5.0, 5.0],
+            [2, 1.0, 1.0, 5.0, 5.0],
+            [-1, 1.0, 1.0, 5.0, 5.0],
+            [0.5, 1.0, 1.0, 5.0, 5.0],
+        ]
+    )
     offset = torch.randn(rois.shape[0], 2, 3, 3, generator=g)
     offset[1, 0, 1, 1] = math.inf
     x, offset = (t.to("cuda", dtype).requires_grad_() for t in (x, offset))

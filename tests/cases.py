@@ -15,6 +15,7 @@ from typing import Optional, Sequence, Tuple
 
 import pytest
 import torch
+
 from reference import conv_output_size, pair
 
 
@@ -27,13 +28,15 @@ def case_params(cases):
 # Running a function on a case's tensors and comparing results
 # --------------------------------------------------------------------------------------------------
 
+
 def leaves(tensors, device="cpu", dtype=None, differentiable: Optional[Sequence[bool]] = None):
     """Fresh leaf copies of the non-None tensors, on ``device`` (in ``dtype``), requiring grad where
     ``differentiable`` says so (all by default); None stays None."""
     differentiable = differentiable or [True] * len(tensors)
-    return [None if t is None else
-            t.detach().to(device=device, dtype=dtype or t.dtype).clone().requires_grad_(wants_grad)
-            for t, wants_grad in zip(tensors, differentiable)]
+    return [
+        None if t is None else t.detach().to(device=device, dtype=dtype or t.dtype).clone().requires_grad_(wants_grad)
+        for t, wants_grad in zip(tensors, differentiable)
+    ]
 
 
 def evaluate(fn, tensors, params, grad_output=None, make_args=None):
@@ -74,13 +77,15 @@ def num_threads(count):
 
 def present_names(case, tensors):
     """The names of the tensors that are there and get gradients, in :func:`evaluate`'s order."""
-    return [name for name, t, wants_grad in zip(case.names, tensors, case.differentiable)
-            if t is not None and wants_grad]
+    return [
+        name for name, t, wants_grad in zip(case.names, tensors, case.differentiable) if t is not None and wants_grad
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
 # Random values
 # --------------------------------------------------------------------------------------------------
+
 
 def uniform(shape, low, high, gen, dtype=torch.float64) -> torch.Tensor:
     return torch.rand(shape, generator=gen, dtype=torch.float64).mul_(high - low).add_(low).to(dtype)
@@ -113,6 +118,7 @@ def far_offsets(shape, gen, size, dtype=torch.float64) -> torch.Tensor:
 # Modulated deformable convolution
 # --------------------------------------------------------------------------------------------------
 
+
 def _fmt(value):
     height, width = pair(value)
     return str(height) if height == width else f"{height}x{width}"
@@ -129,8 +135,22 @@ class ConvCase:
     names = ("input", "offset", "mask", "weight", "bias")
     differentiable = (True, True, True, True, True)
 
-    def __init__(self, n=1, cin=4, cout=4, size=(5, 5), kernel=(3, 3), stride=1, padding=1, dilation=1,
-                 groups=1, deform_groups=1, mask=True, bias=True, offsets="off_grid"):
+    def __init__(
+        self,
+        n=1,
+        cin=4,
+        cout=4,
+        size=(5, 5),
+        kernel=(3, 3),
+        stride=1,
+        padding=1,
+        dilation=1,
+        groups=1,
+        deform_groups=1,
+        mask=True,
+        bias=True,
+        offsets="off_grid",
+    ):
         self.n, self.cin, self.cout = n, cin, cout
         self.size, self.kernel = pair(size), pair(kernel)
         self.stride, self.padding, self.dilation = stride, padding, dilation
@@ -141,8 +161,12 @@ class ConvCase:
 
     @property
     def out_size(self):
-        return tuple(conv_output_size(self.size[d], self.kernel[d], pair(self.stride)[d], pair(self.padding)[d],
-                                      pair(self.dilation)[d]) for d in range(2))
+        return tuple(
+            conv_output_size(
+                self.size[d], self.kernel[d], pair(self.stride)[d], pair(self.padding)[d], pair(self.dilation)[d]
+            )
+            for d in range(2)
+        )
 
     @property
     def taps(self):
@@ -150,10 +174,20 @@ class ConvCase:
 
     @property
     def id(self):
-        parts = [f"n{self.n}", f"c{self.cin}o{self.cout}", f"{self.size[0]}x{self.size[1]}",
-                 f"k{self.kernel[0]}x{self.kernel[1]}", f"s{_fmt(self.stride)}", f"p{_fmt(self.padding)}",
-                 f"d{_fmt(self.dilation)}", f"g{self.groups}", f"dg{self.deform_groups}",
-                 "mask" if self.mask else "nomask", "bias" if self.bias else "nobias", self.offsets]
+        parts = [
+            f"n{self.n}",
+            f"c{self.cin}o{self.cout}",
+            f"{self.size[0]}x{self.size[1]}",
+            f"k{self.kernel[0]}x{self.kernel[1]}",
+            f"s{_fmt(self.stride)}",
+            f"p{_fmt(self.padding)}",
+            f"d{_fmt(self.dilation)}",
+            f"g{self.groups}",
+            f"dg{self.deform_groups}",
+            "mask" if self.mask else "nomask",
+            "bias" if self.bias else "nobias",
+            self.offsets,
+        ]
         return "-".join(parts)
 
     def __repr__(self):
@@ -185,8 +219,13 @@ class ConvCase:
     @property
     def op_params(self):
         """The same, with int[2] lists as the raw torch.library op's schema wants them."""
-        return (list(pair(self.stride)), list(pair(self.padding)), list(pair(self.dilation)),
-                self.groups, self.deform_groups)
+        return (
+            list(pair(self.stride)),
+            list(pair(self.padding)),
+            list(pair(self.dilation)),
+            self.groups,
+            self.deform_groups,
+        )
 
 
 # A hand-picked cover of every value the op tests are asked to exercise (stride 1 / 2 / (2, 1),
@@ -270,8 +309,7 @@ class RoICase:
     names = ("input", "rois", "offset")
     differentiable = (True, False, True)  # the op defines no gradient for the boxes
 
-    def __init__(self, batch, channels, size, output_size, spatial_scale, sampling_ratio, offsets, count=5,
-                 gamma=0.1):
+    def __init__(self, batch, channels, size, output_size, spatial_scale, sampling_ratio, offsets, count=5, gamma=0.1):
         self.batch, self.channels, self.size = batch, channels, pair(size)
         self.output_size, self.spatial_scale, self.sampling_ratio = output_size, spatial_scale, sampling_ratio
         self.offsets, self.count, self.gamma = offsets, count, gamma
@@ -279,8 +317,10 @@ class RoICase:
     @property
     def id(self):
         out_h, out_w = pair(self.output_size)
-        return (f"n{self.batch}c{self.channels}-{self.size[0]}x{self.size[1]}-out{out_h}x{out_w}"
-                f"-scale{self.spatial_scale}-ratio{self.sampling_ratio}-{self.offsets}")
+        return (
+            f"n{self.batch}c{self.channels}-{self.size[0]}x{self.size[1]}-out{out_h}x{out_w}"
+            f"-scale{self.spatial_scale}-ratio{self.sampling_ratio}-{self.offsets}"
+        )
 
     def __repr__(self):
         return f"RoICase({self.id})"

@@ -24,15 +24,23 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 CSRC = REPO / "csrc"
 NAMESPACE = "mmdet_dcnv2_hostcuda"
 
-SOURCES = [CSRC / "ops.cpp", CSRC / "deform_conv.cpp", CSRC / "deform_roi_pool.cpp",
-           CSRC / "cuda" / "host_run" / "deform_conv_kernel.cpp",
-           CSRC / "cuda" / "host_run" / "deform_roi_pool_kernel.cpp",
-           CSRC / "cuda" / "host_run" / "knobs.cpp"]
+SOURCES = [
+    CSRC / "ops.cpp",
+    CSRC / "deform_conv.cpp",
+    CSRC / "deform_roi_pool.cpp",
+    CSRC / "cuda" / "host_run" / "deform_conv_kernel.cpp",
+    CSRC / "cuda" / "host_run" / "deform_roi_pool_kernel.cpp",
+    CSRC / "cuda" / "host_run" / "knobs.cpp",
+]
 
 # UBSan's float-cast-overflow catches a NaN or huge float converted to an integer (the kernels'
 # floor() -> index conversions must only ever see in-range coordinates).
-SANITIZE_FLAGS = ["-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize-recover=all",
-                  "-fno-omit-frame-pointer", "-g"]
+SANITIZE_FLAGS = [
+    "-fsanitize=address,undefined,float-cast-overflow",
+    "-fno-sanitize-recover=all",
+    "-fno-omit-frame-pointer",
+    "-g",
+]
 
 
 def sanitized() -> bool:
@@ -50,15 +58,25 @@ def library():
     if missing:
         raise FileNotFoundError(f"the host-run build needs the source tree (csrc/); missing: {missing}")
     torch_version = torch.__version__.split("+")[0]
-    flags = ["-O1", "-DMMDET_DCNV2_HOST_EMULATION", f"-Dmmdet_dcnv2={NAMESPACE}",
-             f'-DMMDET_DCNV2_TORCH_VERSION=\\"{torch_version}\\"', "-Wno-unknown-pragmas"]
+    flags = [
+        "-O1",
+        "-DMMDET_DCNV2_HOST_EMULATION",
+        f"-Dmmdet_dcnv2={NAMESPACE}",
+        f'-DMMDET_DCNV2_TORCH_VERSION=\\"{torch_version}\\"',
+        "-Wno-unknown-pragmas",
+    ]
     name = NAMESPACE
     if sanitized():
         flags += SANITIZE_FLAGS
         name += "_sanitized"
-    cpp_extension.load(name=name, sources=[str(s) for s in SOURCES], extra_cflags=flags,
-                       extra_ldflags=SANITIZE_FLAGS[:1] if sanitized() else [], is_python_module=False,
-                       verbose=os.environ.get("MMDET_DCNV2_HOSTCUDA_VERBOSE") == "1")
+    cpp_extension.load(
+        name=name,
+        sources=[str(s) for s in SOURCES],
+        extra_cflags=flags,
+        extra_ldflags=SANITIZE_FLAGS[:1] if sanitized() else [],
+        is_python_module=False,
+        verbose=os.environ.get("MMDET_DCNV2_HOSTCUDA_VERBOSE") == "1",
+    )
     ops = getattr(torch.ops, NAMESPACE)
     if not hasattr(ops, "modulated_deform_conv2d"):
         raise RuntimeError(f"the host-run library loaded but registered no {NAMESPACE} ops")
@@ -74,8 +92,7 @@ def emulation(**knobs):
     force_wide_index; see host_emulation.h), then puts the defaults back."""
     settings = dict(DEFAULT_KNOBS, **knobs)
     ops = library()
-    ops._emulation(settings["seed"], settings["max_blocks"], settings["multiprocessors"],
-                   settings["force_wide_index"])
+    ops._emulation(settings["seed"], settings["max_blocks"], settings["multiprocessors"], settings["force_wide_index"])
     try:
         yield
     finally:
@@ -100,6 +117,7 @@ def column_budget(num_bytes=-1):
 # autograd over the raw ops (the shipped package registers autograd for its own namespace only)
 # --------------------------------------------------------------------------------------------------
 
+
 class _Conv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, offset, mask, weight, bias, params):
@@ -112,8 +130,15 @@ class _Conv(torch.autograd.Function):
         input, offset, mask, weight, bias = ctx.saved_tensors
         need = ctx.needs_input_grad
         grads = library().modulated_deform_conv2d_backward(
-            grad_output.contiguous(), input, offset, mask, weight, bias, *ctx.params,
-            [need[0], need[1] or need[2], need[3] or need[4]])
+            grad_output.contiguous(),
+            input,
+            offset,
+            mask,
+            weight,
+            bias,
+            *ctx.params,
+            [need[0], need[1] or need[2], need[3] or need[4]],
+        )
         return tuple(g if need[i] else None for i, g in enumerate(grads)) + (None,)
 
 
@@ -121,8 +146,9 @@ def _pair(value):
     return [value, value] if isinstance(value, int) else list(value)
 
 
-def modulated_deform_conv2d(input, offset, mask, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
-                            deform_groups=1):
+def modulated_deform_conv2d(
+    input, offset, mask, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, deform_groups=1
+):
     """The functional API's signature, on the host-run CUDA kernels (same dtype for every tensor)."""
     params = (_pair(stride), _pair(padding), _pair(dilation), groups, deform_groups)
     return _Conv.apply(input, offset, mask, weight, bias, params)
@@ -140,7 +166,8 @@ class _Pool(torch.autograd.Function):
         input, rois, offset = ctx.saved_tensors
         need = ctx.needs_input_grad
         grad_input, grad_offset = library().deform_roi_pool_backward(
-            grad_output.contiguous(), input, rois, offset, *ctx.params, [need[0], need[2]])
+            grad_output.contiguous(), input, rois, offset, *ctx.params, [need[0], need[2]]
+        )
         return (grad_input if need[0] else None, None, grad_offset if need[2] else None, None)
 
 

@@ -26,13 +26,16 @@ def record(**fields):
     return json.dumps({**base, **fields})
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX", ["7.5", "8.0", "8.6", "8.9", "9.0", "10.0", "12.0+PTX"]),
-    ("8.0 9.0+PTX", ["8.0", "9.0+PTX"]),
-    (" 8.0;  9.0 ;", ["8.0", "9.0"]),
-    ("9.0", ["9.0"]),
-    ("", []),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX", ["7.5", "8.0", "8.6", "8.9", "9.0", "10.0", "12.0+PTX"]),
+        ("8.0 9.0+PTX", ["8.0", "9.0+PTX"]),
+        (" 8.0;  9.0 ;", ["8.0", "9.0"]),
+        ("9.0", ["9.0"]),
+        ("", []),
+    ],
+)
 def test_parse_arch_list(text, expected):
     assert parse_arch_list(text) == expected
 
@@ -40,8 +43,12 @@ def test_parse_arch_list(text, expected):
 @pytest.mark.parametrize("arch_list", ["7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX", "8.0 9.0+PTX", "9.0", 'odd";=,\\value'])
 def test_build_record_fields_stay_apart_whatever_they_hold(arch_list):
     info = parse_build_info(record(cuda_arch_list=arch_list))
-    assert info == {"cuda": True, "cuda_version": "13.0", "cuda_arch_list": parse_arch_list(arch_list),
-                    "torch_version": "2.14.1"}
+    assert info == {
+        "cuda": True,
+        "cuda_version": "13.0",
+        "cuda_arch_list": parse_arch_list(arch_list),
+        "torch_version": "2.14.1",
+    }
 
 
 def test_cpu_only_build_record():
@@ -49,21 +56,29 @@ def test_cpu_only_build_record():
     assert info == {"cuda": False, "cuda_version": None, "cuda_arch_list": [], "torch_version": "2.14.1"}
 
 
-@pytest.mark.parametrize("text", [
-    "cuda=1;cuda_version=13.0;cuda_arch_list=7.5;8.0;torch_version=2.14.1",  # the old format
-    json.dumps({"cuda": "1"}),  # fields missing
-    json.dumps({"cuda": 1, "cuda_version": "", "cuda_arch_list": "", "torch_version": "2.14.1"}),  # not a str
-    "[]",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "cuda=1;cuda_version=13.0;cuda_arch_list=7.5;8.0;torch_version=2.14.1",  # the old format
+        json.dumps({"cuda": "1"}),  # fields missing
+        json.dumps({"cuda": 1, "cuda_version": "", "cuda_arch_list": "", "torch_version": "2.14.1"}),  # not a str
+        "[]",
+    ],
+)
 def test_malformed_build_record_is_refused_clearly(text):
     with pytest.raises(ValueError, match="build record"):
         parse_build_info(text)
 
 
 def test_arch_list_from_gencode_flags():
-    flags = ["-gencode=arch=compute_120,code=compute_120", "-gencode=arch=compute_90,code=sm_90",
-             "-gencode=arch=compute_120,code=sm_120", "-gencode=arch=compute_75,code=sm_75",
-             "-gencode=arch=compute_100,code=sm_100", "-gencode=arch=compute_90a,code=sm_90a"]
+    flags = [
+        "-gencode=arch=compute_120,code=compute_120",
+        "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_120,code=sm_120",
+        "-gencode=arch=compute_75,code=sm_75",
+        "-gencode=arch=compute_100,code=sm_100",
+        "-gencode=arch=compute_90a,code=sm_90a",
+    ]
     assert arch_list_from_gencode_flags(flags) == ["7.5", "9.0", "9.0a", "10.0", "12.0+PTX"]
     assert arch_list_from_gencode_flags([]) == []
     with pytest.raises(ValueError, match="gencode"):

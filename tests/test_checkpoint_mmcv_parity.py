@@ -13,10 +13,9 @@ from mmdet.registry import MODELS  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.runner import load_checkpoint, save_checkpoint  # noqa: E402
 
-from mmdet_tiny import tiny_model_options  # noqa: E402
-
 from mmdet_dcnv2 import registry_overrides  # noqa: E402
 from mmdet_dcnv2.models import DConv, DPool, MDConv, MDPool  # noqa: E402
+from mmdet_tiny import tiny_model_options  # noqa: E402
 
 STOCK = {  # name: (mmdet config, compare outputs)
     "mdconv": ("mmdet::dcnv2/faster-rcnn_r50-mdconv-c3-c5_fpn_1x_coco.py", True),
@@ -55,8 +54,13 @@ def outputs(model):
 
 
 def deformable_kinds(model):
-    return sorted({type(m).__module__ + "." + type(m).__name__ for m in model.modules()
-                   if "Deform" in type(m).__name__ or isinstance(m, (MDConv, DConv, MDPool, DPool))})
+    return sorted(
+        {
+            type(m).__module__ + "." + type(m).__name__
+            for m in model.modules()
+            if "Deform" in type(m).__name__ or isinstance(m, (MDConv, DConv, MDPool, DPool))
+        }
+    )
 
 
 @pytest.mark.parametrize("name", STOCK)

@@ -9,16 +9,17 @@ import os
 
 import pytest
 import torch
-from cases import ConvCase, uniform
-from conftest import CUDA_MARKS
 
 import mmdet_dcnv2.ops as ops
+from cases import ConvCase, uniform
+from conftest import CUDA_MARKS
 from mmdet_dcnv2.ops import deform_roi_pool, modulated_deform_conv2d
 
 # Deterministic mode makes PyTorch refuse cuBLAS GEMMs (the convolution's) without a fixed workspace.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 pytestmark = list(CUDA_MARKS)  # tagged `cuda`, skipped without a GPU and a CUDA build
+
 
 @pytest.fixture(autouse=True)
 def strict_float32():
@@ -72,8 +73,16 @@ def pool_inputs(gen, dtype=torch.float64, channels=9, count=40):
     input = torch.randn(2, channels, 12, 14, generator=gen, dtype=torch.float64)
     x1 = uniform((count,), -2.0, 10.0, gen)
     y1 = uniform((count,), -2.0, 8.0, gen)
-    rois = torch.stack([torch.randint(0, 2, (count,), generator=gen).double(), x1, y1,
-                        x1 + uniform((count,), 0.5, 8.0, gen), y1 + uniform((count,), 0.5, 8.0, gen)], dim=1)
+    rois = torch.stack(
+        [
+            torch.randint(0, 2, (count,), generator=gen).double(),
+            x1,
+            y1,
+            x1 + uniform((count,), 0.5, 8.0, gen),
+            y1 + uniform((count,), 0.5, 8.0, gen),
+        ],
+        dim=1,
+    )
     offset = uniform((count, 2, 3, 3), -1.0, 1.0, gen)
     return input.to(dtype), rois.to(dtype), offset.to(dtype), ((3, 3), 1.0, 0, 0.1)
 
@@ -181,14 +190,15 @@ def test_gradcheck_cuda_with_nondet_tolerance(op, gen):
     if op == "conv":
         case = ConvCase(n=2, cin=4, cout=2, size=5, deform_groups=2, offsets="far")
         tensors = [t.cuda().requires_grad_() for t in case.tensors(gen)]
-        assert torch.autograd.gradcheck(lambda *t: modulated_deform_conv2d(*t, *case.params), tensors,
-                                        nondet_tol=1e-12)
+        assert torch.autograd.gradcheck(lambda *t: modulated_deform_conv2d(*t, *case.params), tensors, nondet_tol=1e-12)
     else:
         input, rois, offset, params = pool_inputs(gen, count=4)
         rois = rois.cuda()
-        assert torch.autograd.gradcheck(lambda x, o: deform_roi_pool(x, rois, o, *params),
-                                        (input.cuda().requires_grad_(), offset.cuda().requires_grad_()),
-                                        nondet_tol=1e-12)
+        assert torch.autograd.gradcheck(
+            lambda x, o: deform_roi_pool(x, rois, o, *params),
+            (input.cuda().requires_grad_(), offset.cuda().requires_grad_()),
+            nondet_tol=1e-12,
+        )
 
 
 def test_gradcheck_cuda_deterministic(gen, deterministic):
@@ -197,8 +207,10 @@ def test_gradcheck_cuda_deterministic(gen, deterministic):
     assert torch.autograd.gradcheck(lambda *t: modulated_deform_conv2d(*t, *case.params), tensors)
     input, rois, offset, params = pool_inputs(gen, count=4)
     rois = rois.cuda()
-    assert torch.autograd.gradcheck(lambda x, o: deform_roi_pool(x, rois, o, *params),
-                                    (input.cuda().requires_grad_(), offset.cuda().requires_grad_()))
+    assert torch.autograd.gradcheck(
+        lambda x, o: deform_roi_pool(x, rois, o, *params),
+        (input.cuda().requires_grad_(), offset.cuda().requires_grad_()),
+    )
 
 
 def test_wrong_device_named_before_the_guard(gen):

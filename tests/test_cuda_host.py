@@ -18,13 +18,12 @@ import math
 
 import pytest
 import torch
-from cases import CONV_CASES, ConvCase, uniform
-from cases import case_params as conv_case_params
-from conftest import SEED
-from reference import deform_roi_pool_ref, modulated_deform_conv2d_ref
 
 import hostcuda
 import mmdet_dcnv2.ops as shipped
+from cases import CONV_CASES, ConvCase, uniform
+from conftest import SEED
+from reference import deform_roi_pool_ref, modulated_deform_conv2d_ref
 
 CONV_NAMES = ("input", "offset", "mask", "weight", "bias")
 
@@ -83,10 +82,15 @@ def present(tensors, names=CONV_NAMES):
 # the library itself
 # --------------------------------------------------------------------------------------------------
 
+
 def test_schemas_match_the_shipped_library():
     """The host-run library is the shipped sources under another namespace: same schemas."""
-    for name in ("modulated_deform_conv2d", "modulated_deform_conv2d_backward", "deform_roi_pool",
-                 "deform_roi_pool_backward"):
+    for name in (
+        "modulated_deform_conv2d",
+        "modulated_deform_conv2d_backward",
+        "deform_roi_pool",
+        "deform_roi_pool_backward",
+    ):
         ours = hostcuda.schema_text(getattr(hostcuda.library(), name))
         theirs = hostcuda.schema_text(getattr(torch.ops.mmdet_dcnv2, name))
         assert ours == theirs
@@ -99,11 +103,13 @@ def test_block_order_follows_the_seed(gen):
     runs = {}
     for seed in (1, 1, 2, 3):
         with hostcuda.emulation(seed=seed):
-            runs.setdefault(seed, []).append(conv_results(hostcuda.modulated_deform_conv2d, tensors, params,
-                                                          grad_output))
+            runs.setdefault(seed, []).append(
+                conv_results(hostcuda.modulated_deform_conv2d, tensors, params, grad_output)
+            )
     assert_results_equal(runs[1][0], runs[1][1], CONV_NAMES, "between two runs with the same seed")
-    assert any(not torch.equal(runs[1][0][1][0], runs[s][0][1][0]) for s in (2, 3)), \
+    assert any(not torch.equal(runs[1][0][1][0], runs[s][0][1][0]) for s in (2, 3)), (
         "grad_input of the atomic path did not depend on the block order: the test could not tell"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,8 +232,9 @@ def test_conv_gradcheck(gen):
     case = ConvCase(n=2, cin=4, cout=2, size=5, deform_groups=2, offsets="far")
     tensors = leaves(case.tensors(gen))
     with hostcuda.emulation(seed=3):
-        assert torch.autograd.gradcheck(lambda *t: hostcuda.modulated_deform_conv2d(*t, *case.params), tensors,
-                                        nondet_tol=1e-12)
+        assert torch.autograd.gradcheck(
+            lambda *t: hostcuda.modulated_deform_conv2d(*t, *case.params), tensors, nondet_tol=1e-12
+        )
 
 
 def test_conv_gradcheck_deterministic(gen, deterministic):
@@ -256,6 +263,7 @@ def test_atomic_float64_backward_needs_a_nondet_tolerance(gen):
 # convolution: half types, empty and odd inputs, non-finite values
 # --------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 4e-3), (torch.bfloat16, 3e-2)], ids=["f16", "bf16"])
 @pytest.mark.parametrize("setting", ["default", "deterministic"])
 def test_conv_half_types(dtype, tolerance, setting, host_budget):
@@ -266,8 +274,9 @@ def test_conv_half_types(dtype, tolerance, setting, host_budget):
     assert actual[0].dtype == dtype and all(g.dtype == dtype for g in actual[1])
     for name, got, want in zip(("output",) + CONV_NAMES, [actual[0]] + actual[1], [expected[0]] + expected[1]):
         scale = max(want.abs().max().item(), 1.0)
-        torch.testing.assert_close(got.double(), want, rtol=tolerance, atol=tolerance * scale,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            got.double(), want, rtol=tolerance, atol=tolerance * scale, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
@@ -294,7 +303,8 @@ def test_conv_half_gradients_accumulate_in_float(dtype, deterministic_mode):
     torch.use_deterministic_algorithms(deterministic_mode)
     try:
         grads = hostcuda.library().modulated_deform_conv2d_backward(
-            grad_output, input, offset, mask, weight, None, [1, 1], [0, 0], [1, 1], 1, 1, [True, False, False])
+            grad_output, input, offset, mask, weight, None, [1, 1], [0, 0], [1, 1], 1, 1, [True, False, False]
+        )
     finally:
         torch.use_deterministic_algorithms(previous)
     assert grads[0][0, 0, 0, 0].item() == 9 * out * out
@@ -360,12 +370,12 @@ def test_conv_nonfinite_offsets_and_masks_match_the_cpu_kernel(where, value, det
             # to be non-finite too.
             got, want = host_run[1][names.index("offset") - 1], expected["offset"]
             assert not torch.isfinite(got[~torch.isfinite(want)]).any()
-            torch.testing.assert_close(got[torch.isfinite(want)], want[torch.isfinite(want)], rtol=1e-12,
-                                       atol=1e-12)
+            torch.testing.assert_close(got[torch.isfinite(want)], want[torch.isfinite(want)], rtol=1e-12, atol=1e-12)
             expected["offset"] = got
     for name, got in zip(names, [host_run[0]] + host_run[1]):
-        torch.testing.assert_close(got, expected[name], rtol=1e-12, atol=1e-12, equal_nan=True,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            got, expected[name], rtol=1e-12, atol=1e-12, equal_nan=True, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def test_conv_nonfinite_mask_outside_the_map_is_nan():
@@ -378,7 +388,8 @@ def test_conv_nonfinite_mask_outside_the_map_is_nan():
     out = hostcuda.library().modulated_deform_conv2d(x, offset, mask, weight, None, [1, 1], [0, 0], [1, 1], 1, 1)
     assert out[0, 0, 1, 1].isnan() and out.nan_to_num().eq(0).all()
     grads = hostcuda.library().modulated_deform_conv2d_backward(
-        torch.ones_like(out), x, offset, mask, weight, None, [1, 1], [0, 0], [1, 1], 1, 1, [True, True, True])
+        torch.ones_like(out), x, offset, mask, weight, None, [1, 1], [0, 0], [1, 1], 1, 1, [True, True, True]
+    )
     assert grads[1][0, :, 1, 1].isnan().all()  # grad_offset = 0 * NaN, as on the CPU and in mmcv
     assert grads[2].eq(0).all() and grads[0].eq(0).all()
 
@@ -386,6 +397,7 @@ def test_conv_nonfinite_mask_outside_the_map_is_nan():
 # --------------------------------------------------------------------------------------------------
 # convolution: deterministic mode and launch configuration (findings 2 and 5)
 # --------------------------------------------------------------------------------------------------
+
 
 def overlapping_conv(gen, dtype=torch.float32):
     """A case whose samples pile up on few pixels (large offsets into a small map), with enough
@@ -434,8 +446,9 @@ def test_conv_deterministic_mode_keeps_the_forward_split(gen):
                 logs[mode] = hostcuda.launches()
         finally:
             torch.use_deterministic_algorithms(previous)
-    fills = {mode: [launch for launch in log if launch["kernel"] == "fill_columns_kernel"]
-             for mode, log in logs.items()}
+    fills = {
+        mode: [launch for launch in log if launch["kernel"] == "fill_columns_kernel"] for mode, log in logs.items()
+    }
     assert fills[True] == fills[False] and fills[False][0]["items"] > case.taps * case.n * 36
     base = case.taps * case.n * case.out_size[0] * case.out_size[1]
     backprop = [launch for launch in logs[True] if launch["kernel"] == "backprop_columns_kernel"]
@@ -451,7 +464,8 @@ def test_conv_deterministic_offset_grads_without_input_grad(gen, deterministic):
     for seed in range(3):
         with hostcuda.emulation(seed=seed):
             grads = hostcuda.library().modulated_deform_conv2d_backward(
-                grad_output, x, 4 * offset, mask, weight, bias, *case.op_params, [False, True, False])
+                grad_output, x, 4 * offset, mask, weight, bias, *case.op_params, [False, True, False]
+            )
             assert not any(launch["kernel"] == "gather_grad_input_kernel" for launch in hostcuda.launches())
         results.append(grads)
     for other in results[1:]:
@@ -461,6 +475,7 @@ def test_conv_deterministic_offset_grads_without_input_grad(gen, deterministic):
 # --------------------------------------------------------------------------------------------------
 # the device guard comes after the argument checks (finding 3)
 # --------------------------------------------------------------------------------------------------
+
 
 def test_conv_wrong_device_is_reported_by_argument_name(gen):
     """A tensor on another device than input is named by the argument checks, not reported by the
@@ -474,8 +489,9 @@ def test_conv_wrong_device_is_reported_by_argument_name(gen):
         lib.modulated_deform_conv2d(meta[0], offset, meta[1], meta[2], meta[3], *case.op_params)
     grad_output = torch.zeros((1, 2) + case.out_size, dtype=torch.float64, device="meta")
     with pytest.raises((ValueError, RuntimeError), match="offset must be on the device of input"):
-        lib.modulated_deform_conv2d_backward(grad_output, meta[0], offset, meta[1], meta[2], meta[3],
-                                             *case.op_params, [True, True, True])
+        lib.modulated_deform_conv2d_backward(
+            grad_output, meta[0], offset, meta[1], meta[2], meta[3], *case.op_params, [True, True, True]
+        )
 
 
 def test_pool_wrong_device_is_reported_by_argument_name(gen):
@@ -490,6 +506,7 @@ def test_pool_wrong_device_is_reported_by_argument_name(gen):
 # RoI pooling
 # --------------------------------------------------------------------------------------------------
 
+
 def make_rois(gen, batch, height, width, count):
     """Random RoIs (some past the border) plus the corner cases: outside, zero width, zero area,
     reversed, tiny, larger than the map."""
@@ -499,9 +516,17 @@ def make_rois(gen, batch, height, width, count):
     y2 = y1 + uniform((count,), 0.1 * height, 0.9 * height, gen)
     index = torch.randint(0, batch, (count,), generator=gen).double()
     last = batch - 1
-    special = torch.tensor([[0, 1.31, 1.23, 1.62, 1.54], [last, 0.33, 0.21, 0.33, 0.72], [0, 0.47, 0.52, 0.47, 0.52],
-                            [last, 0.71, 0.62, 0.23, 0.11], [0, 0.413, 0.337, 0.452, 0.361],
-                            [last, -0.31, -0.42, 1.26, 1.33]], dtype=torch.float64)
+    special = torch.tensor(
+        [
+            [0, 1.31, 1.23, 1.62, 1.54],
+            [last, 0.33, 0.21, 0.33, 0.72],
+            [0, 0.47, 0.52, 0.47, 0.52],
+            [last, 0.71, 0.62, 0.23, 0.11],
+            [0, 0.413, 0.337, 0.452, 0.361],
+            [last, -0.31, -0.42, 1.26, 1.33],
+        ],
+        dtype=torch.float64,
+    )
     special[:, [1, 3]] *= width
     special[:, [2, 4]] *= height
     return torch.cat([torch.stack([index, x1, y1, x2, y2], dim=1), special])
@@ -600,8 +625,9 @@ def test_pool_half_types(dtype, tolerance, setting, gen):
     assert actual[0].dtype == dtype and all(g.dtype == dtype for g in actual[1])
     for name, got, want in zip(("output", "input", "offset"), [actual[0]] + actual[1], [expected[0]] + expected[1]):
         scale = max(want.abs().max().item(), 1.0)
-        torch.testing.assert_close(got.double(), want, rtol=tolerance, atol=tolerance * scale,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            got.double(), want, rtol=tolerance, atol=tolerance * scale, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
@@ -618,7 +644,8 @@ def test_pool_half_gradients_accumulate_in_float(dtype, deterministic_mode):
     torch.use_deterministic_algorithms(deterministic_mode)
     try:
         grad_input, _ = hostcuda.library().deform_roi_pool_backward(
-            grad_output, input, rois, None, [1, 1], 1.0, 1, 0.1, [True, False])
+            grad_output, input, rois, None, [1, 1], 1.0, 1, 0.1, [True, False]
+        )
     finally:
         torch.use_deterministic_algorithms(previous)
     assert grad_input[0, 0, 1, 1].item() == count and grad_input.sum().item() == count
@@ -638,8 +665,9 @@ def test_pool_zero_rois_and_invalid_batch_indices(deterministic_mode, gen):
         offset = torch.zeros(0, 2, 2, 2, dtype=torch.float64)
         out = lib.deform_roi_pool(input, rois, offset, [2, 2], 1.0, 0, 0.1)
         assert out.shape == (0, 5, 2, 2)
-        grad_input, grad_offset = lib.deform_roi_pool_backward(out, input, rois, offset, [2, 2], 1.0, 0, 0.1,
-                                                               [True, True])
+        grad_input, grad_offset = lib.deform_roi_pool_backward(
+            out, input, rois, offset, [2, 2], 1.0, 0, 0.1, [True, True]
+        )
         assert grad_input.shape == input.shape and not grad_input.any() and grad_offset.shape == offset.shape
 
         good = [1.0, 0.5, 0.5, 4.5, 4.0]
@@ -700,7 +728,9 @@ def test_pool_gradcheck(deterministic_mode, gen):
         with hostcuda.emulation(seed=11):
             assert torch.autograd.gradcheck(
                 lambda x, o: hostcuda.deform_roi_pool(x, rois, o, *params),
-                (input.requires_grad_(), offset.requires_grad_()), nondet_tol=0.0 if deterministic_mode else 1e-12)
+                (input.requires_grad_(), offset.requires_grad_()),
+                nondet_tol=0.0 if deterministic_mode else 1e-12,
+            )
     finally:
         torch.use_deterministic_algorithms(previous)
 

@@ -6,12 +6,23 @@ import math
 import pytest
 import torch
 import torchvision
-from cases import (ROI_CASES, RoICase, assert_same_results, case_params, corner_row, evaluate, leaves, make_rois,
-                   num_threads, present_names, uniform)
-from conftest import DEVICES, requires_cuda
-from reference import deform_roi_pool_ref, pair
 
+from cases import (
+    ROI_CASES,
+    RoICase,
+    assert_same_results,
+    case_params,
+    corner_row,
+    evaluate,
+    leaves,
+    make_rois,
+    num_threads,
+    present_names,
+    uniform,
+)
+from conftest import DEVICES, requires_cuda
 from mmdet_dcnv2.ops import deform_roi_pool
+from reference import deform_roi_pool_ref, pair
 
 FORWARD_OP = torch.ops.mmdet_dcnv2.deform_roi_pool.default
 BACKWARD_OP = torch.ops.mmdet_dcnv2.deform_roi_pool_backward.default
@@ -22,14 +33,16 @@ def assert_matches_reference(case, tensors, gen, device="cpu"):
     """Forward and the gradients of input and offset on ``device`` equal the float64 reference's."""
     grad_output = torch.randn(case.output_shape(tensors[1].shape[0]), generator=gen, dtype=torch.float64)
     expected = evaluate(deform_roi_pool_ref, leaves(tensors, differentiable=GRADS), case.params, grad_output)
-    output, grads = evaluate(deform_roi_pool, leaves(tensors, device, differentiable=GRADS), case.params,
-                             grad_output.to(device))
+    output, grads = evaluate(
+        deform_roi_pool, leaves(tensors, device, differentiable=GRADS), case.params, grad_output.to(device)
+    )
     assert_same_results((output.cpu(), [g.cpu() for g in grads]), expected, present_names(case, tensors))
 
 
 # --------------------------------------------------------------------------------------------------
 # The kernels against the reference (float64)
 # --------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", case_params(ROI_CASES))
@@ -44,8 +57,9 @@ def test_corner_case_rois(device, gen):
     fixed grid still samples a zero-width or reversed RoI (as mmcv and torchvision do)."""
     case = RoICase(2, 3, (9, 11), 7, 1.0, 0, "near", count=0)
     input, rois, offset = case.tensors(gen)
-    outside, zero_width, zero_area, reversed_ = (corner_row(name) for name in
-                                                 ("outside", "zero_width", "zero_area", "reversed"))
+    outside, zero_width, zero_area, reversed_ = (
+        corner_row(name) for name in ("outside", "zero_width", "zero_area", "reversed")
+    )
     adaptive = deform_roi_pool(input.to(device), rois.to(device), offset.to(device), *case.params).cpu()
     for row in (outside, zero_width, zero_area, reversed_):
         assert adaptive[row].eq(0).all(), row
@@ -82,11 +96,16 @@ def test_nonfinite_roi_coordinates_pool_to_zero(sampling_ratio, device, gen):
     offset = torch.cat([offset[:4], offset[:3]])
     grad_output = torch.randn(case.output_shape(rois.shape[0]), generator=gen, dtype=torch.float64)
     output, (grad_input, grad_offset) = evaluate(
-        deform_roi_pool, leaves((input, rois, offset), device, differentiable=GRADS), case.params, grad_output.to(device))
+        deform_roi_pool,
+        leaves((input, rois, offset), device, differentiable=GRADS),
+        case.params,
+        grad_output.to(device),
+    )
     assert output[4:].eq(0).all()
     assert torch.isfinite(grad_input).all() and grad_offset[4:].eq(0).all()
     expected, (expected_input, expected_offset) = evaluate(
-        deform_roi_pool_ref, leaves((input, good, offset[:4]), differentiable=GRADS), case.params, grad_output[:4])
+        deform_roi_pool_ref, leaves((input, good, offset[:4]), differentiable=GRADS), case.params, grad_output[:4]
+    )
     torch.testing.assert_close(output[:4].cpu(), expected)
     torch.testing.assert_close(grad_input.cpu(), expected_input)
     torch.testing.assert_close(grad_offset[:4].cpu(), expected_offset)
@@ -101,8 +120,11 @@ def test_nonfinite_offsets_zero_their_bin(device, gen):
     offset[0, 0, 0, 1] = math.nan
     offset[0, 1, 1, 0] = math.inf
     output, (grad_input, grad_offset) = evaluate(
-        deform_roi_pool, leaves((input, rois, offset), device, differentiable=GRADS), (2, 1.0, 2, 0.1),
-        torch.randn(1, 2, 2, 2, generator=gen, dtype=torch.float64).to(device))
+        deform_roi_pool,
+        leaves((input, rois, offset), device, differentiable=GRADS),
+        (2, 1.0, 2, 0.1),
+        torch.randn(1, 2, 2, 2, generator=gen, dtype=torch.float64).to(device),
+    )
     assert output[0, :, 0, 1].eq(0).all() and output[0, :, 1, 0].eq(0).all() and output[0, :, 0, 0].ne(0).all()
     assert torch.isfinite(grad_input).all() and torch.isfinite(grad_offset).all()
     assert grad_offset[0, :, 0, 1].eq(0).all() and grad_offset[0, :, 1, 0].eq(0).all()
@@ -115,14 +137,16 @@ def test_offset_gradient_is_zero_in_the_clamped_band(device):
     input = torch.arange(1.0, 17.0, dtype=torch.float64).view(1, 1, 4, 4) ** 2
     rois = torch.tensor([[0, 0.0, 1.1, 0.4, 2.7]], dtype=torch.float64)  # x samples at -0.5 + 0.2 = -0.3
     offset = torch.zeros(1, 2, 1, 1, dtype=torch.float64)
-    _, (_, grad_offset) = evaluate(deform_roi_pool, leaves((input, rois, offset), device, differentiable=GRADS),
-                                   (1, 1.0, 1, 0.1))  # upstream gradient 1
+    _, (_, grad_offset) = evaluate(
+        deform_roi_pool, leaves((input, rois, offset), device, differentiable=GRADS), (1, 1.0, 1, 0.1)
+    )  # upstream gradient 1
     assert grad_offset[0, 0].eq(0).all() and grad_offset[0, 1].ne(0).all()
 
 
 # --------------------------------------------------------------------------------------------------
 # gradcheck and opcheck
 # --------------------------------------------------------------------------------------------------
+
 
 def sample_coordinates(rois, offset, output_size, spatial_scale, sampling_ratio, gamma):
     """(ys, xs) of the samples of every bin, keyed by (r, i, j): the forward's formula in Python floats
@@ -140,8 +164,10 @@ def sample_coordinates(rois, offset, output_size, spatial_scale, sampling_ratio,
             for j in range(pooled_w):
                 y0 = start_y + gamma * roi_h * off_y[i][j] + i * bin_h
                 x0 = start_x + gamma * roi_w * off_x[i][j] + j * bin_w
-                coords[r, i, j] = ([y0 + (k + 0.5) * bin_h / grid_h for k in range(grid_h)],
-                                   [x0 + (k + 0.5) * bin_w / grid_w for k in range(grid_w)])
+                coords[r, i, j] = (
+                    [y0 + (k + 0.5) * bin_h / grid_h for k in range(grid_h)],
+                    [x0 + (k + 0.5) * bin_w / grid_w for k in range(grid_w)],
+                )
     return coords
 
 
@@ -181,15 +207,17 @@ def test_gradcheck(output_size, spatial_scale, sampling_ratio, spread, device, g
     assert torch.autograd.gradcheck(
         lambda x, o: deform_roi_pool(x, rois, o, output_size, spatial_scale, sampling_ratio, gamma),
         (input.requires_grad_(), offset.requires_grad_()),
-        nondet_tol=1e-12 if device == "cuda" else 0.0)  # CUDA's atomic backward: see docs/cuda.md
+        nondet_tol=1e-12 if device == "cuda" else 0.0,
+    )  # CUDA's atomic backward: see docs/cuda.md
 
 
 def opcheck_samples(device, gen):
     """(forward args, backward args) of the raw ops: with and without offset, and no RoIs."""
     samples = []
     for case, count in ((ROI_CASES[1], 2), (ROI_CASES[5], 2), (ROI_CASES[4], 0)):
-        input, rois, offset = RoICase(case.batch, case.channels, case.size, *case.params[:3], case.offsets,
-                                      count=count).tensors(gen)
+        input, rois, offset = RoICase(
+            case.batch, case.channels, case.size, *case.params[:3], case.offsets, count=count
+        ).tensors(gen)
         if count == 0:
             rois = rois[:0]
             offset = offset[:0]
@@ -215,19 +243,28 @@ def test_opcheck(device, gen):
 # Cross-checks, precision, dtype policy, strides
 # --------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("output_size, spatial_scale, sampling_ratio",
-                         [(7, 1.0, 0), (7, 0.25, 2), ((3, 5), 0.25, 0), ((14, 14), 0.5, 2)])
+@pytest.mark.parametrize(
+    "output_size, spatial_scale, sampling_ratio", [(7, 1.0, 0), (7, 0.25, 2), ((3, 5), 0.25, 0), ((14, 14), 0.5, 2)]
+)
 def test_without_offset_equals_torchvision_roi_align(output_size, spatial_scale, sampling_ratio, dtype, device, gen):
     input = torch.randn(2, 3, 10, 13, generator=gen, dtype=torch.float64).to(device, dtype)
     rois = make_rois(gen, 2, 10, 13, spatial_scale, count=8).to(device, dtype)
     grad_output = torch.randn((rois.shape[0], 3) + pair(output_size), generator=gen, dtype=torch.float64)
     expected = evaluate(
         lambda x, r, o: torchvision.ops.roi_align(x, r, output_size, spatial_scale, sampling_ratio, aligned=True),
-        leaves((input, rois, None), differentiable=GRADS), (), grad_output)
-    actual = evaluate(deform_roi_pool, leaves((input, rois, None), differentiable=GRADS),
-                      (output_size, spatial_scale, sampling_ratio), grad_output)
+        leaves((input, rois, None), differentiable=GRADS),
+        (),
+        grad_output,
+    )
+    actual = evaluate(
+        deform_roi_pool,
+        leaves((input, rois, None), differentiable=GRADS),
+        (output_size, spatial_scale, sampling_ratio),
+        grad_output,
+    )
     assert_same_results(actual, expected, ["input"])
 
 
@@ -245,16 +282,23 @@ def test_low_precision_matches_reference(case, dtype, eps, device, gen):
     errors stay at the level of the result's own rounding."""
     tensors = [t.to(dtype) for t in case.tensors(gen)]
     grad_output = torch.randn(case.output_shape(tensors[1].shape[0]), generator=gen).to(dtype)
-    output, grads = evaluate(deform_roi_pool, leaves(tensors, device, differentiable=GRADS), case.params,
-                             grad_output.to(device))
-    expected, expected_grads = evaluate(deform_roi_pool_ref, leaves(tensors, dtype=torch.float64, differentiable=GRADS),
-                                        case.params, grad_output.double())
-    for name, got, want in zip(("output", "grad of input", "grad of offset"), [output] + grads,
-                               [expected] + expected_grads):
+    output, grads = evaluate(
+        deform_roi_pool, leaves(tensors, device, differentiable=GRADS), case.params, grad_output.to(device)
+    )
+    expected, expected_grads = evaluate(
+        deform_roi_pool_ref,
+        leaves(tensors, dtype=torch.float64, differentiable=GRADS),
+        case.params,
+        grad_output.double(),
+    )
+    for name, got, want in zip(
+        ("output", "grad of input", "grad of offset"), [output] + grads, [expected] + expected_grads
+    ):
         assert got.dtype == dtype
         scale = want.abs().max().item()
-        torch.testing.assert_close(got.cpu().double(), want, rtol=4 * eps, atol=4 * eps * scale,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            got.cpu().double(), want, rtol=4 * eps, atol=4 * eps * scale, msg=lambda m: f"{name}: {m}"
+        )
 
 
 def test_dtype_policy(gen):
@@ -268,8 +312,9 @@ def test_dtype_policy(gen):
     assert input32.grad.dtype == torch.float32 and offset.grad.dtype == torch.float64
     assert deform_roi_pool(input32, rois, None, *case.params).dtype == torch.float32
     int_rois = torch.tensor([[1, 2, 3, 8, 7]])
-    torch.testing.assert_close(deform_roi_pool(input, int_rois, None, 3),
-                               deform_roi_pool(input, int_rois.double(), None, 3))
+    torch.testing.assert_close(
+        deform_roi_pool(input, int_rois, None, 3), deform_roi_pool(input, int_rois.double(), None, 3)
+    )
 
 
 def test_non_contiguous_inputs(gen):
@@ -277,8 +322,14 @@ def test_non_contiguous_inputs(gen):
     input, rois, offset = case.tensors(gen)
     grad_output = torch.randn(case.output_shape(rois.shape[0]), generator=gen, dtype=torch.float64)
     expected = evaluate(deform_roi_pool, leaves((input, rois, offset), differentiable=GRADS), case.params, grad_output)
-    strided = leaves((input.to(memory_format=torch.channels_last), rois.t().contiguous().t(),
-                      offset.transpose(2, 3).contiguous().transpose(2, 3)), differentiable=GRADS)
+    strided = leaves(
+        (
+            input.to(memory_format=torch.channels_last),
+            rois.t().contiguous().t(),
+            offset.transpose(2, 3).contiguous().transpose(2, 3),
+        ),
+        differentiable=GRADS,
+    )
     assert not any(t.is_contiguous() for t in strided)
     actual = evaluate(deform_roi_pool, strided, case.params, grad_output)
     assert_same_results(actual, expected, present_names(case, strided), rtol=0, atol=0)
@@ -287,6 +338,7 @@ def test_non_contiguous_inputs(gen):
 # --------------------------------------------------------------------------------------------------
 # Determinism and torch.compile
 # --------------------------------------------------------------------------------------------------
+
 
 def test_cpu_backward_is_bitwise_deterministic(gen):
     """Run to run and across thread counts: each gradient element sums in a fixed order."""
@@ -318,12 +370,12 @@ def test_torch_compile_aot_eager(gen):
 # Errors name the argument
 # --------------------------------------------------------------------------------------------------
 
+
 def _rois_with_index(value):
     return torch.tensor([[0, 0.5, 0.5, 3.5, 4.0], [value, 1.0, 0.0, 4.0, 2.0]], dtype=torch.float64)
 
 
-def _raw(input=None, rois=None, offset="zeros", output_size=(2, 2), spatial_scale=1.0, sampling_ratio=0,
-         gamma=0.1):
+def _raw(input=None, rois=None, offset="zeros", output_size=(2, 2), spatial_scale=1.0, sampling_ratio=0, gamma=0.1):
     """A call of the raw forward op on two images, valid but for the argument given."""
     input = torch.randn(2, 3, 5, 5, dtype=torch.float64) if input is None else input
     rois = _rois_with_index(1) if rois is None else rois
@@ -336,16 +388,21 @@ BAD_ARGUMENTS = [
     pytest.param(_raw(input=torch.randn(3, 5, 5, dtype=torch.float64)), "input must be 4-D", id="input-3d"),
     pytest.param(_raw(rois=torch.zeros(2, 4, dtype=torch.float64)), r"rois must have shape \(R, 5\)", id="rois-4-cols"),
     pytest.param(_raw(rois=torch.zeros(5, dtype=torch.float64)), r"rois must have shape \(R, 5\)", id="rois-1d"),
-    pytest.param(_raw(rois=torch.zeros(2, 5, dtype=torch.float32)), "rois must have the dtype of input",
-                 id="rois-dtype"),
+    pytest.param(
+        _raw(rois=torch.zeros(2, 5, dtype=torch.float32)), "rois must have the dtype of input", id="rois-dtype"
+    ),
     pytest.param(_raw(rois=_rois_with_index(2)), r"rois\[:, 0\] must hold batch indices", id="batch-index-too-big"),
     pytest.param(_raw(rois=_rois_with_index(-1)), r"rois\[:, 0\] must hold batch indices", id="batch-index-negative"),
     pytest.param(_raw(rois=_rois_with_index(0.5)), r"rois\[:, 0\] must hold batch indices", id="batch-index-fraction"),
     pytest.param(_raw(rois=_rois_with_index(math.nan)), r"rois\[:, 0\] must hold batch indices", id="batch-index-nan"),
-    pytest.param(_raw(offset=torch.zeros(2, 2, 3, 2, dtype=torch.float64)), "offset must have shape",
-                 id="offset-shape"),
-    pytest.param(_raw(offset=torch.zeros(2, 2, 2, 2, dtype=torch.float32)), "offset must have the dtype of input",
-                 id="offset-dtype"),
+    pytest.param(
+        _raw(offset=torch.zeros(2, 2, 3, 2, dtype=torch.float64)), "offset must have shape", id="offset-shape"
+    ),
+    pytest.param(
+        _raw(offset=torch.zeros(2, 2, 2, 2, dtype=torch.float32)),
+        "offset must have the dtype of input",
+        id="offset-dtype",
+    ),
     pytest.param(_raw(output_size=(0, 2)), "output_size must be >= 1", id="output-size-zero"),
     pytest.param(_raw(output_size=(2, -3), offset=None), "output_size must be >= 1", id="output-size-negative"),
     pytest.param(_raw(spatial_scale=0.0), "spatial_scale must be a positive finite number", id="scale-zero"),
@@ -365,8 +422,7 @@ def test_bad_grad_output_raises():
     input = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     rois = torch.tensor([[0, 0.5, 0.5, 3.5, 4.0]], dtype=torch.float64)
     with pytest.raises(ValueError, match="grad_output must have shape"):
-        BACKWARD_OP(torch.zeros(1, 3, 2, 3, dtype=torch.float64), input, rois, None, [2, 2], 1.0, 0, 0.1,
-                    [True, True])
+        BACKWARD_OP(torch.zeros(1, 3, 2, 3, dtype=torch.float64), input, rois, None, [2, 2], 1.0, 0, 0.1, [True, True])
 
 
 def test_functional_api_argument_errors():
@@ -384,9 +440,11 @@ def test_functional_api_argument_errors():
 # CUDA only
 # --------------------------------------------------------------------------------------------------
 
+
 @requires_cuda
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
-                         ids=["f64", "f32", "f16", "bf16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=["f64", "f32", "f16", "bf16"]
+)
 @pytest.mark.parametrize("case", case_params([ROI_CASES[1], ROI_CASES[3], ROI_CASES[5]]))
 def test_cuda_matches_cpu(case, dtype, gen):
     tensors = [None if t is None else t.to(dtype) for t in case.tensors(gen)]
@@ -403,8 +461,11 @@ def test_cuda_matches_cpu(case, dtype, gen):
 def test_cuda_invalid_batch_index_pools_to_zero(gen):
     """Documented: CUDA does not sync to validate batch indices; an invalid one pools to 0, no grad."""
     input = torch.randn(2, 3, 5, 5, dtype=torch.float64, device="cuda", requires_grad=True)
-    rois = torch.tensor([[2, 0.5, 0.5, 3.5, 4.0], [math.nan, 0.5, 0.5, 3.5, 4.0], [0.5, 0.5, 0.5, 3.5, 4.0]],
-                        dtype=torch.float64, device="cuda")
+    rois = torch.tensor(
+        [[2, 0.5, 0.5, 3.5, 4.0], [math.nan, 0.5, 0.5, 3.5, 4.0], [0.5, 0.5, 0.5, 3.5, 4.0]],
+        dtype=torch.float64,
+        device="cuda",
+    )
     offset = torch.full((3, 2, 2, 2), 0.1, dtype=torch.float64, device="cuda", requires_grad=True)
     output = deform_roi_pool(input, rois, offset, 2)
     assert output.eq(0).all()
@@ -422,8 +483,10 @@ def test_cuda_backward_is_deterministic_under_deterministic_algorithms(gen):
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        runs = [torch.autograd.grad(deform_roi_pool(input, rois, offset, 2).square().sum(), (input, offset))
-                for _ in range(2)]
+        runs = [
+            torch.autograd.grad(deform_roi_pool(input, rois, offset, 2).square().sum(), (input, offset))
+            for _ in range(2)
+        ]
     finally:
         torch.use_deterministic_algorithms(previous)
     assert all(torch.equal(a, b) for a, b in zip(*runs))

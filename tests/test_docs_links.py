@@ -30,7 +30,8 @@ def links(path):
 
 def test_anchor_rule():
     assert "the-override-and-how-to-turn-it-off" in {
-        re.sub(r"[^\w\- ]", "", "The override, and how to turn it off".lower()).replace(" ", "-")}
+        re.sub(r"[^\w\- ]", "", "The override, and how to turn it off".lower()).replace(" ", "-")
+    }
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(REPO, "docs")), reason="needs the source tree")

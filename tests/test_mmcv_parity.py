@@ -4,6 +4,7 @@ machine with torch alone, say)."""
 
 import pytest
 import torch
+
 from cases import ConvCase, assert_same_results, case_params, evaluate, leaves, present_names
 
 mmcv = pytest.importorskip("mmcv")
@@ -28,8 +29,10 @@ def _compare(case, tensors, gen, **tolerances):
 
 
 # float32 (what mmcv's models run in): sums of <= 36 O(1) products, summed in another order.
-DTYPES = [pytest.param(torch.float32, {"rtol": 1e-4, "atol": 1e-4}, id="float32"),
-          pytest.param(torch.float64, {}, id="float64")]
+DTYPES = [
+    pytest.param(torch.float32, {"rtol": 1e-4, "atol": 1e-4}, id="float32"),
+    pytest.param(torch.float64, {}, id="float64"),
+]
 
 
 @pytest.mark.parametrize("dtype, tolerances", DTYPES)
@@ -41,10 +44,15 @@ def test_matches_mmcv(case, dtype, tolerances, gen):
 
 @pytest.mark.parametrize("dtype, tolerances", DTYPES)
 @pytest.mark.parametrize("offsets", ["zero", "integer"])
-@pytest.mark.parametrize("case", case_params([
-    ConvCase(n=2, cin=4, cout=6, size=7, deform_groups=2),
-    ConvCase(n=2, cin=4, cout=4, size=7, groups=2, deform_groups=2, stride=2, bias=False),
-]))
+@pytest.mark.parametrize(
+    "case",
+    case_params(
+        [
+            ConvCase(n=2, cin=4, cout=6, size=7, deform_groups=2),
+            ConvCase(n=2, cin=4, cout=4, size=7, groups=2, deform_groups=2, stride=2, bias=False),
+        ]
+    ),
+)
 def test_matches_mmcv_on_integer_offsets(case, offsets, dtype, tolerances, gen):
     """At integer sample coordinates bilinear interpolation has no derivative; mmcv returns the
     one-sided (right) derivative and zero at y or x = -1 exactly. Zero offsets are every DCN layer's

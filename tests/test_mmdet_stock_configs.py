@@ -15,10 +15,9 @@ from mmdet.testing import demo_mm_inputs  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.logging import MessageHub  # noqa: E402
 
-from mmdet_tiny import write_config  # noqa: E402
-
 from mmdet_dcnv2 import registry_overrides  # noqa: E402
 from mmdet_dcnv2.models import DConv, DPool, MDConv, MDPool  # noqa: E402
+from mmdet_tiny import write_config  # noqa: E402
 
 MMDET_CONFIGS = os.path.join(os.path.dirname(mmdet.__file__), ".mim", "configs")
 
@@ -40,14 +39,31 @@ STOCK_DCNV2_CONFIGS = {
     "solov2/solov2_x101-dcn_fpn_ms-3x_coco.py": (),
     "tood/tood_r101-dconv-c3-c5_fpn_ms-2x_coco.py": (),  # TOODHead's deform_conv2d is functional
     "tood/tood_x101-64x4d-dconv-c4-c5_fpn_ms-2x_coco.py": (),
-    "vfnet/vfnet_r101-mdconv-c3-c5_fpn_ms-2x_coco.py": ("bbox_head.vfnet_reg_refine_dconv", "bbox_head.vfnet_cls_dconv"),
+    "vfnet/vfnet_r101-mdconv-c3-c5_fpn_ms-2x_coco.py": (
+        "bbox_head.vfnet_reg_refine_dconv",
+        "bbox_head.vfnet_cls_dconv",
+    ),
     "vfnet/vfnet_r50-mdconv-c3-c5_fpn_ms-2x_coco.py": ("bbox_head.vfnet_reg_refine_dconv", "bbox_head.vfnet_cls_dconv"),
-    "vfnet/vfnet_res2net101-mdconv-c3-c5_fpn_ms-2x_coco.py": ("bbox_head.vfnet_reg_refine_dconv", "bbox_head.vfnet_cls_dconv"),
-    "vfnet/vfnet_x101-32x4d-mdconv-c3-c5_fpn_ms-2x_coco.py": ("bbox_head.vfnet_reg_refine_dconv", "bbox_head.vfnet_cls_dconv"),
-    "vfnet/vfnet_x101-64x4d-mdconv-c3-c5_fpn_ms-2x_coco.py": ("bbox_head.vfnet_reg_refine_dconv", "bbox_head.vfnet_cls_dconv"),
+    "vfnet/vfnet_res2net101-mdconv-c3-c5_fpn_ms-2x_coco.py": (
+        "bbox_head.vfnet_reg_refine_dconv",
+        "bbox_head.vfnet_cls_dconv",
+    ),
+    "vfnet/vfnet_x101-32x4d-mdconv-c3-c5_fpn_ms-2x_coco.py": (
+        "bbox_head.vfnet_reg_refine_dconv",
+        "bbox_head.vfnet_cls_dconv",
+    ),
+    "vfnet/vfnet_x101-64x4d-mdconv-c3-c5_fpn_ms-2x_coco.py": (
+        "bbox_head.vfnet_reg_refine_dconv",
+        "bbox_head.vfnet_cls_dconv",
+    ),
 }
-MMCV_DEFORMABLE = (mmcv_ops.DeformConv2d, mmcv_ops.ModulatedDeformConv2d, mmcv_ops.DeformRoIPool,
-                   mmcv_ops.DeformRoIPoolPack, mmcv_ops.ModulatedDeformRoIPoolPack)
+MMCV_DEFORMABLE = (
+    mmcv_ops.DeformConv2d,
+    mmcv_ops.ModulatedDeformConv2d,
+    mmcv_ops.DeformRoIPool,
+    mmcv_ops.DeformRoIPoolPack,
+    mmcv_ops.ModulatedDeformRoIPoolPack,
+)
 OURS = (MDConv, DConv, MDPool, DPool)
 
 
@@ -108,11 +124,18 @@ def test_opt_out_keeps_mmcv_layers(tmp_path, monkeypatch):
         assert registry_overrides.apply_from_environment() == {}  # what `import mmdet_dcnv2` runs
         assert not registry_overrides.is_applied()
         built = {}
-        for key, stock in {"mdconv": "dcnv2/faster-rcnn_r50-mdconv-c3-c5_fpn_1x_coco.py",
-                           "mdpool": "dcnv2/faster-rcnn_r50_fpn_mdpool_1x_coco.py"}.items():
+        for key, stock in {
+            "mdconv": "dcnv2/faster-rcnn_r50-mdconv-c3-c5_fpn_1x_coco.py",
+            "mdpool": "dcnv2/faster-rcnn_r50_fpn_mdpool_1x_coco.py",
+        }.items():
             model = MODELS.build(_load(tmp_path, stock).model)
-            built[key] = sorted({type(m).__module__ + "." + type(m).__name__ for m in model.modules()
-                                 if isinstance(m, MMCV_DEFORMABLE + OURS)})
+            built[key] = sorted(
+                {
+                    type(m).__module__ + "." + type(m).__name__
+                    for m in model.modules()
+                    if isinstance(m, MMCV_DEFORMABLE + OURS)
+                }
+            )
         assert MODELS.get("MDConv") is MDConv  # our own names stay registered
     assert built["mdconv"] == ["mmcv.ops.modulated_deform_conv.ModulatedDeformConv2dPack"]
     assert built["mdpool"] == ["mmcv.ops.deform_roi_pool.ModulatedDeformRoIPoolPack"]

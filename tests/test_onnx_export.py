@@ -40,8 +40,17 @@ def test_layer_exports_to_deform_conv(name, groups, deform_groups, stride, paddi
     from mmdet_dcnv2.models import layers
 
     torch.manual_seed(0)
-    layer = getattr(layers, name)(4, 6, 3, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                                  deform_groups=deform_groups, bias=bias).eval()
+    layer = getattr(layers, name)(
+        4,
+        6,
+        3,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        deform_groups=deform_groups,
+        bias=bias,
+    ).eval()
     with torch.no_grad():  # the offset conv starts at zero: give it offsets of a few pixels and masks != 0.5
         torch.nn.init.normal_(layer.conv_offset.weight, std=0.3)
         torch.nn.init.normal_(layer.conv_offset.bias, std=1.0)
@@ -49,8 +58,14 @@ def test_layer_exports_to_deform_conv(name, groups, deform_groups, stride, paddi
             torch.nn.init.normal_(layer.bias)
     # Small maps: onnx's reference evaluator runs DeformConv in Python loops.
     sizes = [(2, 4, 9, 7), (1, 4, 6, 11)]
-    model = _checked(export(layer, (torch.randn(*sizes[0]),), dynamic_shapes={
-        "x": {0: Dim("batch"), 2: Dim("height"), 3: Dim("width")}}, opset_version=opset))
+    model = _checked(
+        export(
+            layer,
+            (torch.randn(*sizes[0]),),
+            dynamic_shapes={"x": {0: Dim("batch"), 2: Dim("height"), 3: Dim("width")}},
+            opset_version=opset,
+        )
+    )
     assert [n.op_type for n in model.graph.node].count("DeformConv") == 1
     assert model.opset_import[0].version == opset and model.ir_version == 10
     deform = next(n for n in model.graph.node if n.op_type == "DeformConv")
@@ -67,8 +82,10 @@ def test_layer_exports_to_deform_conv(name, groups, deform_groups, stride, paddi
 def test_export_refuses_opsets_without_deform_conv():
     from mmdet_dcnv2.onnx import custom_translation_table
 
-    assert set(custom_translation_table()) == {torch.ops.mmdet_dcnv2.modulated_deform_conv2d.default,
-                                               torch.ops.mmdet_dcnv2.deform_roi_pool.default}
+    assert set(custom_translation_table()) == {
+        torch.ops.mmdet_dcnv2.modulated_deform_conv2d.default,
+        torch.ops.mmdet_dcnv2.deform_roi_pool.default,
+    }
     with pytest.raises(ValueError, match=f"opset_version must be an int >= {MIN_OPSET}"):
         export(torch.nn.Identity(), (torch.zeros(1),), opset_version=18)
 
@@ -131,9 +148,17 @@ def pool_models():
     for deform in (False, True):
         for sampling_ratio in (0, 2):
             module = _Pool(deform, sampling_ratio)
-            model = _checked(export(module, (x, rois, offset), dynamic_shapes={
-                "x": {0: Dim("batch"), 2: Dim("height"), 3: Dim("width")}, "rois": {0: Dim("rois")},
-                "offset": {0: Dim("rois")}}))
+            model = _checked(
+                export(
+                    module,
+                    (x, rois, offset),
+                    dynamic_shapes={
+                        "x": {0: Dim("batch"), 2: Dim("height"), 3: Dim("width")},
+                        "rois": {0: Dim("rois")},
+                        "offset": {0: Dim("rois")},
+                    },
+                )
+            )
             ops = {n.op_type for n in model.graph.node}
             assert "RoiAlign" in ops and not ops & {"GridSample", "Loop"}
             models[deform, sampling_ratio] = module, model, ort_session(model)
@@ -145,8 +170,10 @@ def pool_models():
 def test_roi_pool_matches_op(pool_models, deform, sampling_ratio):
     module, model, session = pool_models[deform, sampling_ratio]
     generator = torch.Generator().manual_seed(1)
-    for x, count, integer_bins in ((torch.randn(2, 4, 20, 24, generator=generator), 400, True),
-                                   (torch.randn(3, 4, 13, 31, generator=generator), 60, False)):
+    for x, count, integer_bins in (
+        (torch.randn(2, 4, 20, 24, generator=generator), 400, True),
+        (torch.randn(3, 4, 13, 31, generator=generator), 60, False),
+    ):
         rois = _rois(generator, count, integer_bins)
         rois[:, 0] = rois[:, 0].clamp(max=x.shape[0] - 1)
         offset = torch.randn(count, 2, *OUT, generator=generator) * 0.3
@@ -168,8 +195,16 @@ def test_roi_pool_non_finite_and_empty_rois_pool_to_zero(pool_models, deform, sa
     module, model, session = pool_models[deform, sampling_ratio]
     x = torch.randn(2, 4, 20, 24, generator=torch.Generator().manual_seed(2))
     nan, inf = float("nan"), float("inf")
-    rois = torch.tensor([[0, nan, 2, 10, 12], [1, 2, 2, inf, 12], [0, -inf, 2, 10, 12], [0, 4, 4, 4, 4],
-                         [1, 12, 10, 2, 2], [0, 2, 2, 30, 24]])
+    rois = torch.tensor(
+        [
+            [0, nan, 2, 10, 12],
+            [1, 2, 2, inf, 12],
+            [0, -inf, 2, 10, 12],
+            [0, 4, 4, 4, 4],
+            [1, 12, 10, 2, 2],
+            [0, 2, 2, 30, 24],
+        ]
+    )
     offset = torch.zeros(len(rois), 2, *OUT)
     offset[5, 0, 3, 4] = nan
     expected = module(x, rois, offset)

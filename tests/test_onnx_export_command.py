@@ -6,9 +6,9 @@ import os
 
 import pytest
 import torch
-from mmdet_tiny import tiny_config
 
 from mmdet_dcnv2.tools import export_onnx
+from mmdet_tiny import tiny_config
 
 CONFIG = "faster_rcnn_r50_fpn_mdconv_c3-c5_1x_coco"
 
@@ -52,7 +52,8 @@ def test_backbone_neck_exports_and_matches_pytorch(tiny):
     with torch.no_grad():
         expected = flat_outputs(part(x))
     assert max_abs_diff(expected, run_ort(ort_session(str(out)), [x])) <= 1e-4 * max(
-        float(t.abs().max()) for t in expected)
+        float(t.abs().max()) for t in expected
+    )
 
 
 def test_detector_part_is_refused_naming_what_blocks_it(tiny, capsys):

@@ -6,8 +6,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.ops
-from cases import (CONV_CASES, ConvCase, assert_same_results, case_params, corner_row, evaluate, leaves, make_rois,
-                   present_names, uniform)
+
+from cases import (
+    CONV_CASES,
+    ConvCase,
+    assert_same_results,
+    case_params,
+    corner_row,
+    evaluate,
+    leaves,
+    make_rois,
+    present_names,
+    uniform,
+)
 from reference import deform_roi_pool_ref, modulated_deform_conv2d_ref, pair
 
 
@@ -30,23 +41,29 @@ def test_conv_reference_matches_torchvision(case, gen):
     """Forward and all five gradients equal torchvision's deform_conv2d (float64)."""
     tensors = case.tensors(gen)
     if case.offsets == "smooth":  # arbitrary offsets may sit on a kink of the interpolation: forward only
-        torch.testing.assert_close(modulated_deform_conv2d_ref(*tensors, *case.params),
-                                   _torchvision_conv(case, *tensors))
+        torch.testing.assert_close(
+            modulated_deform_conv2d_ref(*tensors, *case.params), _torchvision_conv(case, *tensors)
+        )
         return
     grad_output = torch.randn((case.n, case.cout) + case.out_size, generator=gen, dtype=torch.float64)
-    assert_same_results(evaluate(modulated_deform_conv2d_ref, leaves(tensors), case.params, grad_output),
-                        evaluate(lambda *t: _torchvision_conv(case, *t), leaves(tensors), (), grad_output),
-                        present_names(case, tensors))
+    assert_same_results(
+        evaluate(modulated_deform_conv2d_ref, leaves(tensors), case.params, grad_output),
+        evaluate(lambda *t: _torchvision_conv(case, *t), leaves(tensors), (), grad_output),
+        present_names(case, tensors),
+    )
 
 
-@pytest.mark.parametrize("where, nonzero", [
-    pytest.param(-1.0, False, id="y=-1"),
-    pytest.param(-1.0 + 1e-3, True, id="y=-1+eps"),
-    pytest.param(5.0, False, id="y=H"),
-    pytest.param(5.0 - 1e-3, True, id="y=H-eps"),
-    pytest.param(1e3, False, id="y=1e3"),
-    pytest.param(-1e6, False, id="y=-1e6"),
-])
+@pytest.mark.parametrize(
+    "where, nonzero",
+    [
+        pytest.param(-1.0, False, id="y=-1"),
+        pytest.param(-1.0 + 1e-3, True, id="y=-1+eps"),
+        pytest.param(5.0, False, id="y=H"),
+        pytest.param(5.0 - 1e-3, True, id="y=H-eps"),
+        pytest.param(1e3, False, id="y=1e3"),
+        pytest.param(-1e6, False, id="y=-1e6"),
+    ],
+)
 def test_conv_reference_border(where, nonzero, gen):
     """A sample is valid iff -1 < y < H (strictly): put every sample's row at ``where`` on a 5x5
     map. Invalid everywhere leaves the bias alone; just inside, one corner contributes a little."""
@@ -60,7 +77,11 @@ def test_conv_reference_border(where, nonzero, gen):
     grad_output = torch.randn((case.n, case.cout) + case.out_size, generator=gen, dtype=torch.float64)
     output, actual_grads = evaluate(modulated_deform_conv2d_ref, tensors, case.params, grad_output)
     expected, expected_grads = evaluate(
-        lambda x, o, m, w, b: torchvision.ops.deform_conv2d(x, o, w, b, padding=(1, 1), mask=m), tensors, (), grad_output)
+        lambda x, o, m, w, b: torchvision.ops.deform_conv2d(x, o, w, b, padding=(1, 1), mask=m),
+        tensors,
+        (),
+        grad_output,
+    )
     torch.testing.assert_close(output, expected)
     if where == -1.0:
         # y = -1 is a kink: the value is 0 there and to its left, but its right derivative is not.
@@ -78,13 +99,24 @@ def test_conv_reference_border(where, nonzero, gen):
 def test_conv_reference_zero_offset_is_conv2d(gen):
     """With zero offsets and a mask of ones the operator is an ordinary (grouped, strided, dilated)
     convolution: an anchor that does not depend on torchvision."""
-    case = ConvCase(n=2, cin=4, cout=6, size=(7, 6), kernel=(3, 2), stride=(2, 1), padding=(2, 1), dilation=(1, 2),
-                    groups=2, deform_groups=2)
+    case = ConvCase(
+        n=2,
+        cin=4,
+        cout=6,
+        size=(7, 6),
+        kernel=(3, 2),
+        stride=(2, 1),
+        padding=(2, 1),
+        dilation=(1, 2),
+        groups=2,
+        deform_groups=2,
+    )
     input, offset, mask, weight, bias = case.tensors(gen)
     offset = torch.zeros_like(offset)
     expected = F.conv2d(input, weight, bias, stride=(2, 1), padding=(2, 1), dilation=(1, 2), groups=2)
-    torch.testing.assert_close(modulated_deform_conv2d_ref(input, offset, torch.ones_like(mask), weight, bias,
-                                                           *case.params), expected)
+    torch.testing.assert_close(
+        modulated_deform_conv2d_ref(input, offset, torch.ones_like(mask), weight, bias, *case.params), expected
+    )
     torch.testing.assert_close(modulated_deform_conv2d_ref(input, offset, None, weight, bias, *case.params), expected)
     # A mask scales each tap: a constant mask m scales the bias-free output by m.
     half = modulated_deform_conv2d_ref(input, offset, torch.full_like(mask, 0.5), weight, None, *case.params)
@@ -126,8 +158,9 @@ def test_conv_reference_nonfinite_offset_contributes_zero(bad, component, gen):
     masked = mask.detach().clone()
     masked[1, g * case.taps + k, 2, 3] = 0
     masked[0, g * case.taps + k, 0, 4] = 0
-    expected = modulated_deform_conv2d_ref(input.detach(), offset.detach(), masked, weight.detach(),
-                                           bias.detach(), *case.params)
+    expected = modulated_deform_conv2d_ref(
+        input.detach(), offset.detach(), masked, weight.detach(), bias.detach(), *case.params
+    )
     torch.testing.assert_close(output, expected)
 
     grad_output = torch.randn(output.shape, generator=gen, dtype=output.dtype)
@@ -145,8 +178,19 @@ def test_conv_reference_nonfinite_offset_contributes_zero(bad, component, gen):
 def test_conv_reference_gradients_are_derivatives(gen):
     """The reference's autograd is the true derivative (finite differences), so it may serve as the
     gradient oracle for the kernels."""
-    case = ConvCase(n=1, cin=4, cout=2, size=(4, 5), kernel=(3, 2), stride=(1, 2), padding=(1, 0), dilation=(2, 1),
-                    groups=2, deform_groups=2, offsets="far")
+    case = ConvCase(
+        n=1,
+        cin=4,
+        cout=2,
+        size=(4, 5),
+        kernel=(3, 2),
+        stride=(1, 2),
+        padding=(1, 0),
+        dilation=(2, 1),
+        groups=2,
+        deform_groups=2,
+        offsets="far",
+    )
     tensors = [t.requires_grad_() for t in case.tensors(gen)]
     assert torch.autograd.gradcheck(lambda *t: modulated_deform_conv2d_ref(*t, *case.params), tensors)
 
@@ -166,8 +210,9 @@ ROI_CONFIGS = [
 
 
 @pytest.mark.parametrize("batch, channels, height, width, output_size, spatial_scale, sampling_ratio", ROI_CONFIGS)
-def test_roi_pool_reference_without_offset_is_roi_align(batch, channels, height, width, output_size, spatial_scale,
-                                                        sampling_ratio, gen):
+def test_roi_pool_reference_without_offset_is_roi_align(
+    batch, channels, height, width, output_size, spatial_scale, sampling_ratio, gen
+):
     """offset=None is RoIAlign with aligned=True: forward and gradient w.r.t. the input."""
     input = torch.randn((batch, channels, height, width), generator=gen, dtype=torch.float64, requires_grad=True)
     rois = make_rois(gen, batch, height, width, spatial_scale, count=6)
@@ -190,8 +235,9 @@ def test_roi_pool_reference_no_rois(gen):
     assert deform_roi_pool_ref(input, torch.zeros((0, 5), dtype=torch.float64), None, 3).shape == (0, 3, 3, 3)
 
 
-@pytest.mark.parametrize("spatial_scale, sampling_ratio", [(1.0, 0), (0.5, 2)],
-                         ids=["scale1-adaptive", "scale0.5-ratio2"])
+@pytest.mark.parametrize(
+    "spatial_scale, sampling_ratio", [(1.0, 0), (0.5, 2)], ids=["scale1-adaptive", "scale0.5-ratio2"]
+)
 def test_roi_pool_reference_uniform_offset_shifts_roi(spatial_scale, sampling_ratio, gen):
     """The same offset in every bin shifts the whole RoI by gamma * offset * RoI size, channel 0
     along x and channel 1 along y: equal to RoIAlign of the shifted box. Pins the offset layout."""
@@ -217,8 +263,7 @@ def test_roi_pool_reference_gradients_are_derivatives(gen):
     rois = make_rois(gen, 2, 6, 7, 0.5, count=2)
     rois = rois[[0, 1] + [corner_row(name) for name in ("outside", "zero_width", "reversed")]]
     offset = uniform((rois.shape[0], 2, 2, 3), -3.0, 3.0, gen).requires_grad_()
-    assert torch.autograd.gradcheck(
-        lambda x, o: deform_roi_pool_ref(x, rois, o, (2, 3), 0.5, 0, 0.2), (input, offset))
+    assert torch.autograd.gradcheck(lambda x, o: deform_roi_pool_ref(x, rois, o, (2, 3), 0.5, 0, 0.2), (input, offset))
 
 
 def test_roi_pool_reference_nonfinite_offset_zeroes_the_bin(gen):

@@ -13,14 +13,24 @@ from mmengine.optim import DefaultOptimWrapperConstructor  # noqa: E402
 
 from mmdet_dcnv2 import registry_overrides  # noqa: E402
 from mmdet_dcnv2.engine import DCNv2OptimWrapperConstructor  # noqa: E402
-from mmdet_dcnv2.models import DConv, DPool, MDConv, MDPool  # noqa: E402
-from mmdet_dcnv2.models import RegistryGenericRoIExtractor, RegistrySingleRoIExtractor  # noqa: E402
+from mmdet_dcnv2.models import DConv, DPool, MDConv, MDPool, RegistryGenericRoIExtractor, RegistrySingleRoIExtractor  # noqa: E402  # noqa: E402
 
-OURS = {"DCNv2": MDConv, "DCN": DConv, "ModulatedDeformRoIPoolPack": MDPool, "DeformRoIPoolPack": DPool,
-        "SingleRoIExtractor": RegistrySingleRoIExtractor, "GenericRoIExtractor": RegistryGenericRoIExtractor}
-STOCK = {"DCNv2": mmcv_ops.ModulatedDeformConv2dPack, "DCN": mmcv_ops.DeformConv2dPack,
-         "ModulatedDeformRoIPoolPack": None, "DeformRoIPoolPack": None,  # mmcv.ops classes, not registered
-         "SingleRoIExtractor": SingleRoIExtractor, "GenericRoIExtractor": GenericRoIExtractor}
+OURS = {
+    "DCNv2": MDConv,
+    "DCN": DConv,
+    "ModulatedDeformRoIPoolPack": MDPool,
+    "DeformRoIPoolPack": DPool,
+    "SingleRoIExtractor": RegistrySingleRoIExtractor,
+    "GenericRoIExtractor": RegistryGenericRoIExtractor,
+}
+STOCK = {
+    "DCNv2": mmcv_ops.ModulatedDeformConv2dPack,
+    "DCN": mmcv_ops.DeformConv2dPack,
+    "ModulatedDeformRoIPoolPack": None,
+    "DeformRoIPoolPack": None,  # mmcv.ops classes, not registered
+    "SingleRoIExtractor": SingleRoIExtractor,
+    "GenericRoIExtractor": GenericRoIExtractor,
+}
 
 
 @pytest.fixture(autouse=True)

@@ -16,10 +16,9 @@ from mmdet.registry import MODELS  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.runner import load_checkpoint, save_checkpoint  # noqa: E402
 
-from mmdet_tiny import tiny_model_options  # noqa: E402
-
 from mmdet_dcnv2.tools import upgrade_checkpoint  # noqa: E402
 from mmdet_dcnv2.tools.upgrade_checkpoint import rename_dcn_offset_keys  # noqa: E402
+from mmdet_tiny import tiny_model_options  # noqa: E402
 
 MDCONV = "mmdet::dcnv2/faster-rcnn_r50-mdconv-c3-c5_fpn_1x_coco.py"
 
@@ -40,7 +39,8 @@ def _tiny_mdconv(tmp_path, seed):
 def _as_mmdet_1x(state_dict):
     """mmdet 1.x named a block's offset conv `conv2_offset`, beside `conv2`, with no version metadata."""
     return collections.OrderedDict(
-        (key.replace("conv2.conv_offset.", "conv2_offset."), value) for key, value in state_dict.items())
+        (key.replace("conv2.conv_offset.", "conv2_offset."), value) for key, value in state_dict.items()
+    )
 
 
 def _run(capsys, *args):
@@ -65,8 +65,10 @@ def test_mmdet_1x_dcn_keys_load_strictly_after_the_upgrade(tmp_path, capsys):
 
     status, out, err = _run(capsys, tmp_path / "legacy.pth", tmp_path / "upgraded.pth")
     assert status == 0, err
-    assert "renamed 26 keys" in out and "backbone.layer2.0.conv2_offset.weight -> " \
-        "backbone.layer2.0.conv2.conv_offset.weight" in out
+    assert (
+        "renamed 26 keys" in out
+        and "backbone.layer2.0.conv2_offset.weight -> backbone.layer2.0.conv2.conv_offset.weight" in out
+    )
     assert "upgrade_model_version.py" in out  # the reminder about mmdet's own converter
 
     load_checkpoint(fresh, str(tmp_path / "upgraded.pth"), strict=True)  # mmengine's loader
@@ -80,9 +82,11 @@ def test_mmdet_1x_dcn_keys_load_strictly_after_the_upgrade(tmp_path, capsys):
 
 def _layer_and_offset(prefix, kernel=3, offset_kernel=None):
     offset_kernel = offset_kernel or kernel
-    return {f"{prefix}.weight": torch.randn(4, 4, kernel, kernel),
-            f"{prefix}_offset.weight": torch.randn(27, 4, offset_kernel, offset_kernel),
-            f"{prefix}_offset.bias": torch.randn(27)}
+    return {
+        f"{prefix}.weight": torch.randn(4, 4, kernel, kernel),
+        f"{prefix}_offset.weight": torch.randn(27, 4, offset_kernel, offset_kernel),
+        f"{prefix}_offset.bias": torch.randn(27),
+    }
 
 
 def test_only_offset_convs_beside_a_layer_of_their_kernel_are_renamed():
@@ -90,11 +94,15 @@ def test_only_offset_convs_beside_a_layer_of_their_kernel_are_renamed():
         **_layer_and_offset("a.conv2"),
         **_layer_and_offset("b.conv2", offset_kernel=1),  # another kernel: not this layer's offset conv
         **{"c.thing_offset.weight": torch.randn(3, 3, 3, 3)},  # no layer beside it
-        **_layer_and_offset("d.conv2"), **{"d.conv2.conv_offset.weight": torch.randn(27, 4, 3, 3)})  # taken
+        **_layer_and_offset("d.conv2"),
+        **{"d.conv2.conv_offset.weight": torch.randn(27, 4, 3, 3)},
+    )  # taken
     state_dict._metadata = {"a": {"version": 1}}
     upgraded, renames = rename_dcn_offset_keys(state_dict)
-    assert renames == [("a.conv2_offset.weight", "a.conv2.conv_offset.weight"),
-                       ("a.conv2_offset.bias", "a.conv2.conv_offset.bias")]
+    assert renames == [
+        ("a.conv2_offset.weight", "a.conv2.conv_offset.weight"),
+        ("a.conv2_offset.bias", "a.conv2.conv_offset.bias"),
+    ]
     assert list(upgraded)[:3] == ["a.conv2.weight", "a.conv2.conv_offset.weight", "a.conv2.conv_offset.bias"]
     assert list(upgraded)[3:] == list(state_dict)[3:]
     assert upgraded["a.conv2.conv_offset.weight"] is state_dict["a.conv2_offset.weight"]
@@ -106,8 +114,10 @@ def test_a_bare_state_dict_is_upgraded_as_one(tmp_path, capsys):
     status, out, err = _run(capsys, tmp_path / "bare.pth", tmp_path / "out.pth")
     assert status == 0, err
     assert sorted(torch.load(tmp_path / "out.pth", weights_only=True)) == [
-        "backbone.layer3.0.conv2.conv_offset.bias", "backbone.layer3.0.conv2.conv_offset.weight",
-        "backbone.layer3.0.conv2.weight"]
+        "backbone.layer3.0.conv2.conv_offset.bias",
+        "backbone.layer3.0.conv2.conv_offset.weight",
+        "backbone.layer3.0.conv2.weight",
+    ]
 
 
 def _write(path, payload):
@@ -124,14 +134,27 @@ BAD_INPUT = [
     pytest.param(b"", "is not a readable torch checkpoint", id="empty"),
     pytest.param([1, 2, 3], "has no state dict", id="not-a-dict"),
     pytest.param({"meta": {}}, "has no state dict", id="no-state-dict"),
-    pytest.param({"state_dict": {"backbone.conv1.weight": torch.zeros(2, 3, 7, 7),
-                                 "backbone.layer2.0.conv2.conv_offset.weight": torch.zeros(27, 2, 3, 3)}},
-                 "nothing to rename", id="already-upgraded"),
-    pytest.param({"state_dict": dict(_layer_and_offset("backbone.layer2.0.conv2"),
-                                     **{"rpn_head.rpn_conv.weight": torch.zeros(2, 2, 3, 3),
-                                        "bbox_head.fc_cls.weight": torch.zeros(81, 2)})},
-                 r"mmdet 1.x two-stage checkpoint \(bbox_head at the top level.*run mmdet's "
-                 r"tools/model_converters/upgrade_model_version.py", id="mmdet-converter-not-run"),
+    pytest.param(
+        {
+            "state_dict": {
+                "backbone.conv1.weight": torch.zeros(2, 3, 7, 7),
+                "backbone.layer2.0.conv2.conv_offset.weight": torch.zeros(27, 2, 3, 3),
+            }
+        },
+        "nothing to rename",
+        id="already-upgraded",
+    ),
+    pytest.param(
+        {
+            "state_dict": dict(
+                _layer_and_offset("backbone.layer2.0.conv2"),
+                **{"rpn_head.rpn_conv.weight": torch.zeros(2, 2, 3, 3), "bbox_head.fc_cls.weight": torch.zeros(81, 2)},
+            )
+        },
+        r"mmdet 1.x two-stage checkpoint \(bbox_head at the top level.*run mmdet's "
+        r"tools/model_converters/upgrade_model_version.py",
+        id="mmdet-converter-not-run",
+    ),
 ]
 
 
@@ -159,8 +182,13 @@ def test_an_existing_output_is_kept_unless_forced(tmp_path, capsys):
 
 def test_runs_as_a_module(tmp_path):
     source = _write(tmp_path / "in.pth", {"state_dict": _layer_and_offset("layer1.0.conv2")})
-    run = subprocess.run([sys.executable, "-P", "-m", "mmdet_dcnv2.tools.upgrade_checkpoint", str(source),
-                          str(tmp_path / "out.pth")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    run = subprocess.run(
+        [sys.executable, "-P", "-m", "mmdet_dcnv2.tools.upgrade_checkpoint", str(source), str(tmp_path / "out.pth")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr
     assert "renamed 2 keys" in run.stdout and (tmp_path / "out.pth").exists()
 

@@ -263,8 +263,8 @@ class CpuColumns final : public ColumnKernels {
             plan_.modulated_weights(e, w);
             acc_t* corner = gx + int64_t(plan_.base[e]) * g_.in_channels;
             for_each_channel_run(row, lo, hi, [&](int64_t c0, int64_t c1, int64_t position) {
-              scatter_channels<scalar_t, acc_t>(grad_columns + q * row_len + position, c1 - c0, g_.in_channels,
-                                                down(), w, corner + c0);
+              scatter_channels<scalar_t, acc_t>(grad_columns + q * row_len + position, c1 - c0, g_.in_channels, down(),
+                                                w, corner + c0);
             });
           }
         }
@@ -288,8 +288,8 @@ class CpuColumns final : public ColumnKernels {
           if (plan_.base[e] != 0) {
             const scalar_t* corner = x + int64_t(plan_.base[e]) * g_.in_channels;
             for_each_channel_run(row, 0, g_.in_channels, [&](int64_t c0, int64_t c1, int64_t position) {
-              corner_dots<scalar_t, acc_t>(grad_columns + q * row_len + position, corner + c0, c1 - c0,
-                                           g_.in_channels, down(), dots);
+              corner_dots<scalar_t, acc_t>(grad_columns + q * row_len + position, corner + c0, c1 - c0, g_.in_channels,
+                                           down(), dots);
             });
           }
           // The sample is linear in the corner values, so its coordinate gradient summed over
@@ -326,8 +326,7 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& offset, const 
   const ConvOperands op =
       deform_conv_operands(input, offset, mask, weight, bias, stride, padding, dilation, groups, deform_groups);
   at::Tensor output;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.input.scalar_type(), "modulated_deform_conv2d_cpu",
-                                  [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.input.scalar_type(), "modulated_deform_conv2d_cpu", [&] {
     CpuColumns<scalar_t> kernels(op.g, op.input, op.offset, op.mask, /*fold_mask=*/true);
     output = deform_conv_forward(op, kernels);
   });
@@ -343,11 +342,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       deform_conv_operands(input, offset, mask, weight, bias, stride, padding, dilation, groups, deform_groups);
   check_deform_conv_grad_output(grad_output, op.input, op.g);
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grads;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.input.scalar_type(),
-                                  "modulated_deform_conv2d_backward_cpu", [&] {
-    CpuColumns<scalar_t> kernels(op.g, op.input, op.offset, op.mask, /*fold_mask=*/false);
-    grads = deform_conv_backward(op, grad_output.contiguous(), output_mask, kernels);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, op.input.scalar_type(), "modulated_deform_conv2d_backward_cpu", [&] {
+        CpuColumns<scalar_t> kernels(op.g, op.input, op.offset, op.mask, /*fold_mask=*/false);
+        grads = deform_conv_backward(op, grad_output.contiguous(), output_mask, kernels);
+      });
   return grads;
 }
 

@@ -137,9 +137,8 @@ void scatter_grad_input(const RoIPoolGeometry& g, const scalar_t* rois, const sc
 }
 
 template <typename scalar_t>
-void reduce_grad_offset(const RoIPoolGeometry& g, const scalar_t* input, const scalar_t* rois,
-                        const scalar_t* offset, const std::vector<int64_t>& images, const scalar_t* grad_output,
-                        scalar_t* grad_offset) {
+void reduce_grad_offset(const RoIPoolGeometry& g, const scalar_t* input, const scalar_t* rois, const scalar_t* offset,
+                        const std::vector<int64_t>& images, const scalar_t* grad_output, scalar_t* grad_offset) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t bins = g.bins(), plane = g.plane(), channels = g.channels;
   const acc_t gamma = static_cast<acc_t>(g.gamma);
@@ -194,8 +193,7 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& rois, const st
 std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_output_, const at::Tensor& input,
                                                 const at::Tensor& rois, const std::optional<at::Tensor>& offset,
                                                 at::IntArrayRef output_size, double spatial_scale,
-                                                int64_t sampling_ratio, double gamma,
-                                                std::array<bool, 2> output_mask) {
+                                                int64_t sampling_ratio, double gamma, std::array<bool, 2> output_mask) {
   const RoIPoolOperands op =
       deform_roi_pool_operands(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma);
   const RoIPoolGeometry& g = op.g;
@@ -209,20 +207,20 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_output_, 
   const auto acc_options = options.dtype(at::toOpMathType(op.input.scalar_type()));
   at::Tensor grad_input = need_input ? at::zeros(op.input.sizes(), acc_options) : at::empty({0}, options);
   at::Tensor grad_offset = need_offset ? at::empty(op.offset.sizes(), options) : at::empty({0}, options);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.input.scalar_type(), "deform_roi_pool_backward_cpu",
-                                  [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* rois_ptr = op.rois.const_data_ptr<scalar_t>();
-    const scalar_t* offset_ptr = data_or_null<scalar_t>(op.offset);
-    const scalar_t* gout_ptr = grad_output.const_data_ptr<scalar_t>();
-    if (need_input) {
-      scatter_grad_input<scalar_t, acc_t>(g, rois_ptr, offset_ptr, images, gout_ptr, grad_input.data_ptr<acc_t>());
-    }
-    if (need_offset) {
-      reduce_grad_offset<scalar_t>(g, op.input.const_data_ptr<scalar_t>(), rois_ptr, offset_ptr, images, gout_ptr,
-                                   grad_offset.data_ptr<scalar_t>());
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, op.input.scalar_type(), "deform_roi_pool_backward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const scalar_t* rois_ptr = op.rois.const_data_ptr<scalar_t>();
+        const scalar_t* offset_ptr = data_or_null<scalar_t>(op.offset);
+        const scalar_t* gout_ptr = grad_output.const_data_ptr<scalar_t>();
+        if (need_input) {
+          scatter_grad_input<scalar_t, acc_t>(g, rois_ptr, offset_ptr, images, gout_ptr, grad_input.data_ptr<acc_t>());
+        }
+        if (need_offset) {
+          reduce_grad_offset<scalar_t>(g, op.input.const_data_ptr<scalar_t>(), rois_ptr, offset_ptr, images, gout_ptr,
+                                       grad_offset.data_ptr<scalar_t>());
+        }
+      });
   return {grad_input.to(op.input.scalar_type()), grad_offset};
 }
 

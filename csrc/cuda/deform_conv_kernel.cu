@@ -21,9 +21,10 @@
 #ifdef MMDET_DCNV2_HOST_EMULATION
 #include "host_emulation.h"
 #else
-#include <ATen/cuda/Atomic.cuh>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include <ATen/cuda/Atomic.cuh>
 #endif
 
 #include <limits>
@@ -61,8 +62,8 @@ __device__ __forceinline__ Item<index_t> decompose(index_t item, const ConvGeome
 // The corners of an item's sampling point (mask not applied) and its mask value.
 template <typename scalar_t, typename acc_t, typename index_t>
 __device__ __forceinline__ Corners<acc_t, index_t> item_corners(const Item<index_t>& it, const ConvGeometry& g,
-                                                                 index_t n, const scalar_t* offset,
-                                                                 const scalar_t* mask, acc_t& m) {
+                                                                index_t n, const scalar_t* offset, const scalar_t* mask,
+                                                                acc_t& m) {
   const index_t pixels = static_cast<index_t>(g.pixels());
   const index_t row = g.sampling_row(it.grp, it.k);
   const index_t oy = it.p / static_cast<index_t>(g.out_w), ox = it.p % static_cast<index_t>(g.out_w);
@@ -189,10 +190,9 @@ __global__ void corner_entries_kernel(index_t samples, ConvGeometry g, ColumnTil
 // thread writes that element during the launch, so no atomics are needed.
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void gather_grad_input_kernel(index_t items, ConvGeometry g, ColumnTile tile, int64_t entries,
-                                         const int64_t* __restrict__ sorted_keys,
-                                         const int64_t* __restrict__ order, const acc_t* __restrict__ weights,
-                                         const acc_t* __restrict__ masks, const scalar_t* __restrict__ grad_columns,
-                                         acc_t* __restrict__ grad_input) {
+                                         const int64_t* __restrict__ sorted_keys, const int64_t* __restrict__ order,
+                                         const acc_t* __restrict__ weights, const acc_t* __restrict__ masks,
+                                         const scalar_t* __restrict__ grad_columns, acc_t* __restrict__ grad_input) {
   const index_t plane = static_cast<index_t>(g.plane()), channels = static_cast<index_t>(g.in_channels);
   const index_t cpg = static_cast<index_t>(g.in_per_deform_group()), taps = static_cast<index_t>(g.taps());
   const int64_t per_channel = int64_t(taps) * tile.cols();  // samples of one deform group
@@ -262,10 +262,9 @@ class CudaColumns final : public ColumnKernels {
       using index_t = decltype(index_zero);
       DCN_LAUNCH(blocks_for(split.items), kThreads, at::cuda::getCurrentCUDAStream(),
                  backprop_columns_kernel<scalar_t, acc_t, index_t>)(
-          split.items, g_, tile_, split.channels_per_block, split.blocks_per_group,
-          input_.const_data_ptr<scalar_t>(), offset_.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(mask_),
-          grad_columns.const_data_ptr<scalar_t>(), grad_input, mutable_data_or_null<acc_t>(grads.offset),
-          mutable_data_or_null<acc_t>(grads.mask));
+          split.items, g_, tile_, split.channels_per_block, split.blocks_per_group, input_.const_data_ptr<scalar_t>(),
+          offset_.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(mask_), grad_columns.const_data_ptr<scalar_t>(),
+          grad_input, mutable_data_or_null<acc_t>(grads.offset), mutable_data_or_null<acc_t>(grads.mask));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -332,9 +331,9 @@ at::Tensor forward_cuda(const at::Tensor& input, const at::Tensor& offset, const
   at::Tensor output;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.input.scalar_type(), "modulated_deform_conv2d_cuda",
                                   [&] {
-    CudaColumns<scalar_t> kernels(op.g, op.input, op.offset, op.mask);
-    output = deform_conv_forward(op, kernels);
-  });
+                                    CudaColumns<scalar_t> kernels(op.g, op.input, op.offset, op.mask);
+                                    output = deform_conv_forward(op, kernels);
+                                  });
   return output;
 }
 
@@ -351,9 +350,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.input.scalar_type(),
                                   "modulated_deform_conv2d_backward_cuda", [&] {
-    CudaColumns<scalar_t> kernels(op.g, op.input, op.offset, op.mask);
-    grads = deform_conv_backward(op, grad_output.contiguous(), output_mask, kernels);
-  });
+                                    CudaColumns<scalar_t> kernels(op.g, op.input, op.offset, op.mask);
+                                    grads = deform_conv_backward(op, grad_output.contiguous(), output_mask, kernels);
+                                  });
   return grads;
 }
 

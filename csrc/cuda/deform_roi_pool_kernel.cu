@@ -24,9 +24,10 @@
 #ifdef MMDET_DCNV2_HOST_EMULATION
 #include "host_emulation.h"
 #else
-#include <ATen/cuda/Atomic.cuh>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include <ATen/cuda/Atomic.cuh>
 #endif
 
 #include <algorithm>
@@ -265,7 +266,8 @@ at::Tensor forward_cuda(const at::Tensor& input, const at::Tensor& rois, const s
     using acc_t = at::opmath_type<scalar_t>;
     with_index_type(wide, [&](auto index_zero) {
       using index_t = decltype(index_zero);
-      DCN_LAUNCH(blocks_for(items), kThreads, at::cuda::getCurrentCUDAStream(), forward_kernel<scalar_t, acc_t, index_t>)(
+      DCN_LAUNCH(blocks_for(items), kThreads, at::cuda::getCurrentCUDAStream(),
+                 forward_kernel<scalar_t, acc_t, index_t>)(
           items, g, channel_blocks, op.input.const_data_ptr<scalar_t>(), op.rois.const_data_ptr<scalar_t>(),
           data_or_null<scalar_t>(op.offset), output.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -342,22 +344,24 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_output_,
   const bool wide = needs_wide_index({op.input.numel(), grad_output.numel(), op.rois.numel(), offset_numel, items,
                                       grad_offset.defined() ? grad_offset.numel() : 0});
   const bool scatter_input = need_input && !deterministic;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.input.scalar_type(), "deform_roi_pool_backward_cuda",
-                                  [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    if (need_input && deterministic && grad_input.numel() > 0 && g.num_rois > 0) {
-      gather_grad_input<scalar_t, acc_t>(g, op.rois, op.offset, grad_output, grad_input, wide);
-    }
-    if (!(scatter_input || need_offset) || items == 0) return;
-    with_index_type(wide, [&](auto index_zero) {
-      using index_t = decltype(index_zero);
-      DCN_LAUNCH(blocks_for(items), kThreads, at::cuda::getCurrentCUDAStream(), backward_kernel<scalar_t, acc_t, index_t>)(
-          items, g, channel_blocks, offset_slices, op.input.const_data_ptr<scalar_t>(),
-          op.rois.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(op.offset), grad_output.const_data_ptr<scalar_t>(),
-          scatter_input ? grad_input.data_ptr<acc_t>() : nullptr, mutable_data_or_null<acc_t>(grad_offset));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, op.input.scalar_type(), "deform_roi_pool_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        if (need_input && deterministic && grad_input.numel() > 0 && g.num_rois > 0) {
+          gather_grad_input<scalar_t, acc_t>(g, op.rois, op.offset, grad_output, grad_input, wide);
+        }
+        if (!(scatter_input || need_offset) || items == 0) return;
+        with_index_type(wide, [&](auto index_zero) {
+          using index_t = decltype(index_zero);
+          DCN_LAUNCH(blocks_for(items), kThreads, at::cuda::getCurrentCUDAStream(),
+                     backward_kernel<scalar_t, acc_t, index_t>)(
+              items, g, channel_blocks, offset_slices, op.input.const_data_ptr<scalar_t>(),
+              op.rois.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(op.offset),
+              grad_output.const_data_ptr<scalar_t>(), scatter_input ? grad_input.data_ptr<acc_t>() : nullptr,
+              mutable_data_or_null<acc_t>(grad_offset));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
   auto finish = [&](const at::Tensor& acc) {
     return acc.defined() ? acc.to(op.input.scalar_type()) : at::empty({0}, op.input.options());
   };

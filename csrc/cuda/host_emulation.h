@@ -54,7 +54,7 @@ inline Dim3 blockIdx, threadIdx, blockDim, gridDim;
 
 struct Knobs {
   uint64_t seed = 0;
-  int64_t max_blocks = 0;        // > 0: cap on the grid (grid-stride loops then repeat)
+  int64_t max_blocks = 0;         // > 0: cap on the grid (grid-stride loops then repeat)
   int64_t multiprocessors = 132;  // what getCurrentDeviceProperties reports (an H100/H200's count)
   bool force_wide_index = false;  // take the 64-bit index path whatever the sizes
 };
@@ -92,8 +92,8 @@ struct Launcher {
   void operator()(const Items& items, const Args&... args) const {
     using Index = std::tuple_element_t<0, std::tuple<Params...>>;
     const std::string kernel(name);  // "name<template arguments>": the name alone
-    launch_log().push_back({kernel.substr(0, kernel.find('<')), grid, static_cast<int64_t>(items),
-                            int(sizeof(Index) * 8)});
+    launch_log().push_back(
+        {kernel.substr(0, kernel.find('<')), grid, static_cast<int64_t>(items), int(sizeof(Index) * 8)});
     // A fresh order per launch, reproducible from the seed.
     std::mt19937_64 rng(knobs().seed * 0x9E3779B97F4A7C15ull + ++launch_counter());
     std::vector<unsigned int> blocks(grid), threads(block);

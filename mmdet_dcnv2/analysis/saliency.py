@@ -61,8 +61,16 @@ def relative_error(response: Tensor, reference: Tensor) -> Tensor:
     return (response - reference).norm(dim=-1) / reference.norm()
 
 
-def saliency_region(model: nn.Module, image: LoadedImage, node: Node, heat: Tensor, max_error: float = 0.1,
-                    cell: int = 4, batch_size: int = 16, progress: Optional[object] = None) -> SaliencyRegion:
+def saliency_region(
+    model: nn.Module,
+    image: LoadedImage,
+    node: Node,
+    heat: Tensor,
+    max_error: float = 0.1,
+    cell: int = 4,
+    batch_size: int = 16,
+    progress: Optional[object] = None,
+) -> SaliencyRegion:
     """The smallest prefix of the ``heat``-ranked ``cell`` x ``cell`` cells whose error
     ``||r(masked) - r(full)|| / ||r(full)||`` is within ``max_error``.
 
@@ -97,14 +105,17 @@ def saliency_region(model: nn.Module, image: LoadedImage, node: Node, heat: Tens
 
     reference = responses(torch.ones(1, *image.size, dtype=torch.bool))[0]
     if reference.norm() == 0:
-        raise ValueError(f"node {node.name} responds 0 to the full image: a relative error is undefined "
-                         f"(choose another node or channel)")
+        raise ValueError(
+            f"node {node.name} responds 0 to the full image: a relative error is undefined "
+            f"(choose another node or channel)"
+        )
     probes, errors, found = [], {num_cells: 0.0}, {num_cells: reference}
     passes = 1  # the full image
     lo, hi = -1, num_cells  # lo: largest k known (or assumed, -1) to fail; hi: smallest k known to pass
     while hi - lo > 1:
-        candidates = sorted({lo + max(1, round((hi - lo) * i / (batch_size + 1))) for i in range(1, batch_size + 1)}
-                            - {hi})
+        candidates = sorted(
+            {lo + max(1, round((hi - lo) * i / (batch_size + 1))) for i in range(1, batch_size + 1)} - {hi}
+        )
         keeps = torch.stack([prefix_mask(order, k, cell, image.size) for k in candidates])
         batch_responses = responses(keeps)
         passes += 1
@@ -119,5 +130,16 @@ def saliency_region(model: nn.Module, image: LoadedImage, node: Node, heat: Tens
             lo = max([k for k in candidates if k < hi], default=lo)
         else:
             lo = candidates[-1]
-    return SaliencyRegion(prefix_mask(order, hi, cell, image.size), errors[hi], max_error, hi, num_cells, cell,
-                          probes, len(probes), passes, reference, found[hi])
+    return SaliencyRegion(
+        prefix_mask(order, hi, cell, image.size),
+        errors[hi],
+        max_error,
+        hi,
+        num_cells,
+        cell,
+        probes,
+        len(probes),
+        passes,
+        reference,
+        found[hi],
+    )

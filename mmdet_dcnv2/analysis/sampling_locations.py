@@ -63,6 +63,7 @@ def effective_sampling_locations(model: nn.Module, image: LoadedImage, node: Nod
             if name in calls:  # one call per layer is what the analysis reads (and the nodes do)
                 raise RuntimeError(f"{name} was called more than once in the node's forward pass")
             calls[name] = (args, kwargs, output)
+
         return hook
 
     handles = [module.register_forward_hook(capture(name), with_kwargs=True) for name, module in layers]
@@ -77,22 +78,24 @@ def effective_sampling_locations(model: nn.Module, image: LoadedImage, node: Nod
     used = [(name, module) for name, module in layers if name in calls]
     outputs = [calls[name][2] for name, _ in used]
     # d response_j / d output of each layer, for each output j of the node.
-    grads = [torch.autograd.grad(response[j], outputs, retain_graph=j + 1 < response.numel(), allow_unused=True)
-             for j in range(response.numel())]
+    grads = [
+        torch.autograd.grad(response[j], outputs, retain_graph=j + 1 < response.numel(), allow_unused=True)
+        for j in range(response.numel())
+    ]
     result = []
     with torch.no_grad():
         for index, (name, module) in enumerate(used):
             args, kwargs, output = calls[name]
             layer_grads = [torch.zeros_like(output) if g[index] is None else g[index] for g in grads]
             if node.kind == "conv":
-                result.append(_conv_samples(name, module, args[0], layer_grads, node.stride,
-                                            tuple(batch.shape[-2:])))
+                result.append(_conv_samples(name, module, args[0], layer_grads, node.stride, tuple(batch.shape[-2:])))
             else:
                 result.append(_roi_samples(name, module, args, kwargs, layer_grads))
     return result
 
 
 # ------------------------------------------------------------------------------------ convolutions
+
 
 def conv_offsets_and_masks(module: nn.Module, x: Tensor) -> Tuple[Tensor, Tensor]:
     """(G, K, 2, Ho, Wo) offsets (dy, dx) and (G, K, Ho, Wo) masks the layer applies to input ``x``
@@ -105,7 +108,7 @@ def conv_offsets_and_masks(module: nn.Module, x: Tensor) -> Tuple[Tensor, Tensor
     if hasattr(module, "offset_and_mask"):  # MDConv, DConv
         offset, mask = module.offset_and_mask(x)
         offset = offset[0]
-        mask = torch.ones_like(offset[:groups * taps]) if mask is None else mask[0]
+        mask = torch.ones_like(offset[: groups * taps]) if mask is None else mask[0]
         out_h, out_w = offset.shape[-2:]
         return offset.view(groups, taps, 2, out_h, out_w), mask.view(groups, taps, out_h, out_w)
     if not hasattr(module, "conv_offset"):
@@ -116,18 +119,21 @@ def conv_offsets_and_masks(module: nn.Module, x: Tensor) -> Tuple[Tensor, Tensor
         o1, o2, m = torch.chunk(out, 3, dim=0)
         offset, mask = torch.cat((o1, o2), dim=0), torch.sigmoid(m)
     elif out.shape[0] == 2 * groups * taps:
-        offset, mask = out, torch.ones_like(out[:groups * taps])
+        offset, mask = out, torch.ones_like(out[: groups * taps])
     else:
-        raise ValueError(f"{type(module).__name__}.conv_offset has {out.shape[0]} channels; expected "
-                         f"3*G*K or 2*G*K = {3 * groups * taps} or {2 * groups * taps}")
+        raise ValueError(
+            f"{type(module).__name__}.conv_offset has {out.shape[0]} channels; expected "
+            f"3*G*K or 2*G*K = {3 * groups * taps} or {2 * groups * taps}"
+        )
     out_h, out_w = out.shape[-2:]
     return offset.view(groups, taps, 2, out_h, out_w), mask.view(groups, taps, out_h, out_w)
 
 
 def regular_grid(module: nn.Module, out_h: int, out_w: int, dtype=torch.float64) -> Tuple[Tensor, Tensor]:
     """(K, Ho, Wo) y and x of a convolution's fixed sampling grid in its input map."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (as_pair(getattr(module, a)) for a in
-                                              ("kernel_size", "stride", "padding", "dilation"))
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
+        as_pair(getattr(module, a)) for a in ("kernel_size", "stride", "padding", "dilation")
+    )
     tap_y = (torch.arange(kh, dtype=dtype) * dh).repeat_interleave(kw)
     tap_x = (torch.arange(kw, dtype=dtype) * dw).repeat(kh)
     rows = torch.arange(out_h, dtype=dtype) * sh - ph
@@ -137,8 +143,9 @@ def regular_grid(module: nn.Module, out_h: int, out_w: int, dtype=torch.float64)
     return y, x
 
 
-def _conv_samples(name: str, module: nn.Module, x: Tensor, grads: List[Tensor], output_stride: int,
-                  batch_size: Tuple[int, int]) -> LayerSamples:
+def _conv_samples(
+    name: str, module: nn.Module, x: Tensor, grads: List[Tensor], output_stride: int, batch_size: Tuple[int, int]
+) -> LayerSamples:
     x = x.detach()
     offset, mask = conv_offsets_and_masks(module, x)
     groups, taps, _, out_h, out_w = offset.shape
@@ -164,12 +171,28 @@ def _conv_samples(name: str, module: nn.Module, x: Tensor, grads: List[Tensor], 
     strength = sum(g.square().sum(1) for g in value_grads).sqrt()
     # d n / d location: per deformable group, its channels sampled at its points (zero border).
     channels = x.shape[1] // groups
-    location = torch.cat([
-        _location_gradient(x[0, g * channels:(g + 1) * channels], feature_points.view(groups, -1, 2)[g],
-                           [v[g].reshape(channels, -1) for v in value_grads], border="zeros")
-        for g in range(groups)])
-    return LayerSamples(name, type(module).__name__, "conv", feature_points, feature_points * stride,
-                        strength.reshape(-1), location, (groups, taps, out_h, out_w), float(stride))
+    location = torch.cat(
+        [
+            _location_gradient(
+                x[0, g * channels : (g + 1) * channels],
+                feature_points.view(groups, -1, 2)[g],
+                [v[g].reshape(channels, -1) for v in value_grads],
+                border="zeros",
+            )
+            for g in range(groups)
+        ]
+    )
+    return LayerSamples(
+        name,
+        type(module).__name__,
+        "conv",
+        feature_points,
+        feature_points * stride,
+        strength.reshape(-1),
+        location,
+        (groups, taps, out_h, out_w),
+        float(stride),
+    )
 
 
 def _location_gradient(plane: Tensor, points: Tensor, value_grads: List[Tensor], border: str) -> Tensor:
@@ -184,9 +207,13 @@ def _location_gradient(plane: Tensor, points: Tensor, value_grads: List[Tensor],
         xy = points.detach().to(dtype).clone().requires_grad_()
         # align_corners=False: pixel index p <-> normalised (2p + 1) / size - 1 (works for size 1 too).
         grid = torch.stack(((2 * xy[:, 0] + 1) / width - 1, (2 * xy[:, 1] + 1) / height - 1), dim=-1)
-        samples = nn.functional.grid_sample(plane[None].detach().to(dtype), grid[None, None], mode="bilinear",
-                                            padding_mode="zeros" if border == "zeros" else "border",
-                                            align_corners=False)[0, :, 0]
+        samples = nn.functional.grid_sample(
+            plane[None].detach().to(dtype),
+            grid[None, None],
+            mode="bilinear",
+            padding_mode="zeros" if border == "zeros" else "border",
+            align_corners=False,
+        )[0, :, 0]
         if border != "zeros":
             inside = ((xy[:, 0] >= -1) & (xy[:, 0] <= width) & (xy[:, 1] >= -1) & (xy[:, 1] <= height)).detach()
             samples = samples * inside.to(dtype)
@@ -207,6 +234,7 @@ def _conv_output_size(module: nn.Module, x: Tensor) -> Tuple[int, int]:
 
 # ------------------------------------------------------------------------------------- RoI layers
 
+
 def roi_offsets_and_masks(module: nn.Module, features: Tensor, rois: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
     """(R, 2, ph, pw) normalised bin offsets (x, y) and (R, ph, pw) bin modulations: recomputed from
     the layer's ``offset_fc`` / ``mask_fc`` on the plainly pooled features, as ours and mmcv's
@@ -217,8 +245,9 @@ def roi_offsets_and_masks(module: nn.Module, features: Tensor, rois: Tensor, sca
     count = rois.shape[0]
     if not hasattr(module, "offset_fc"):
         return rois.new_zeros(count, 2, out_h, out_w), rois.new_ones(count, out_h, out_w)
-    plain = deform_roi_pool(features, rois, None, (out_h, out_w), scale, int(module.sampling_ratio),
-                            float(module.gamma)).flatten(1)
+    plain = deform_roi_pool(
+        features, rois, None, (out_h, out_w), scale, int(module.sampling_ratio), float(module.gamma)
+    ).flatten(1)
     offset = module.offset_fc(plain).view(count, 2, out_h, out_w)
     if not hasattr(module, "mask_fc"):  # DCNv1's DPool
         return offset, torch.ones_like(offset[:, 0])
@@ -226,8 +255,15 @@ def roi_offsets_and_masks(module: nn.Module, features: Tensor, rois: Tensor, sca
     return offset, mask
 
 
-def roi_sample_points(roi: Tensor, offset: Tensor, output_size: Tuple[int, int], scale: float,
-                      sampling_ratio: int, gamma: float, aligned: bool = True) -> Tensor:
+def roi_sample_points(
+    roi: Tensor,
+    offset: Tensor,
+    output_size: Tuple[int, int],
+    scale: float,
+    sampling_ratio: int,
+    gamma: float,
+    aligned: bool = True,
+) -> Tensor:
     """(ph, pw, ny, nx, 2) x, y feature-map coordinates of every bilinear sample of every bin, as
     RoIAlign (``offset`` zero) and deformable RoI pooling place them."""
     out_h, out_w = output_size
@@ -256,23 +292,40 @@ def _roi_samples(name: str, module: nn.Module, args, kwargs, grads: List[Tensor]
     scale = kwargs.get("spatial_scale", args[2] if len(args) > 2 else None)
     scale = float(module.spatial_scale if scale is None else scale)
     if getattr(module, "pool_mode", "avg") != "avg":
-        raise ValueError(f"effective bin locations need an averaging RoI layer; {name} pools by "
-                         f"{module.pool_mode!r}")
+        raise ValueError(f"effective bin locations need an averaging RoI layer; {name} pools by {module.pool_mode!r}")
     offset, mask = roi_offsets_and_masks(module, features, rois[:1], scale)
     output_size = as_pair(module.output_size)
-    points = roi_sample_points(rois[0], offset[0], output_size, scale, int(module.sampling_ratio),
-                               float(getattr(module, "gamma", 0.1)), bool(getattr(module, "aligned", True)))
+    points = roi_sample_points(
+        rois[0],
+        offset[0],
+        output_size,
+        scale,
+        int(module.sampling_ratio),
+        float(getattr(module, "gamma", 0.1)),
+        bool(getattr(module, "aligned", True)),
+    )
     out_h, out_w, samples_y, samples_x, _ = points.shape
     count = samples_y * samples_x
     # d n / d (value of one sample of bin b) = m_b * d n / d y_b / n_b (the bin averages its samples).
     value_grads = [(mask[0] * grad[0]) / count for grad in grads]  # (C, ph, pw) each
-    strength = sum(g.square().sum(0) for g in value_grads).sqrt()[:, :, None, None].expand(-1, -1, samples_y,
-                                                                                            samples_x)
+    strength = sum(g.square().sum(0) for g in value_grads).sqrt()[:, :, None, None].expand(-1, -1, samples_y, samples_x)
     feature_points = points.reshape(-1, 2)
     plane = features[int(rois[0, 0])].detach()
     location = _location_gradient(
-        plane, feature_points, [g[:, :, :, None, None].expand(-1, -1, -1, samples_y, samples_x).reshape(g.shape[0], -1)
-                                for g in value_grads], border="clamp")
+        plane,
+        feature_points,
+        [g[:, :, :, None, None].expand(-1, -1, -1, samples_y, samples_x).reshape(g.shape[0], -1) for g in value_grads],
+        border="clamp",
+    )
     stride = 1.0 / scale
-    return LayerSamples(name, type(module).__name__, "roi", feature_points, (feature_points + 0.5) * stride - 0.5,
-                        strength.reshape(-1), location, tuple(points.shape[:4]), stride)
+    return LayerSamples(
+        name,
+        type(module).__name__,
+        "roi",
+        feature_points,
+        (feature_points + 0.5) * stride - 0.5,
+        strength.reshape(-1),
+        location,
+        tuple(points.shape[:4]),
+        stride,
+    )

@@ -13,5 +13,16 @@ or, with ``torch.onnx.export`` directly,
 from .exporter import DEFAULT_OPSET, IR_VERSION, MIN_OPSET, custom_translation_table, export
 from .runtime import flat_outputs, max_abs_diff, median_seconds, ort_session, run_ort, run_reference
 
-__all__ = ["DEFAULT_OPSET", "IR_VERSION", "MIN_OPSET", "custom_translation_table", "export", "flat_outputs",
-           "max_abs_diff", "median_seconds", "ort_session", "run_ort", "run_reference"]
+__all__ = [
+    "DEFAULT_OPSET",
+    "IR_VERSION",
+    "MIN_OPSET",
+    "custom_translation_table",
+    "export",
+    "flat_outputs",
+    "max_abs_diff",
+    "median_seconds",
+    "ort_session",
+    "run_ort",
+    "run_reference",
+]

@@ -26,9 +26,17 @@ def custom_translation_table() -> Dict[Callable, Callable]:
     }
 
 
-def export(model: torch.nn.Module, args: Sequence[Any], path: Optional[str] = None, *,
-           dynamic_shapes: Optional[Any] = None, opset_version: int = DEFAULT_OPSET, ir_version: int = IR_VERSION,
-           input_names: Optional[Sequence[str]] = None, output_names: Optional[Sequence[str]] = None):
+def export(
+    model: torch.nn.Module,
+    args: Sequence[Any],
+    path: Optional[str] = None,
+    *,
+    dynamic_shapes: Optional[Any] = None,
+    opset_version: int = DEFAULT_OPSET,
+    ir_version: int = IR_VERSION,
+    input_names: Optional[Sequence[str]] = None,
+    output_names: Optional[Sequence[str]] = None,
+):
     """Export ``model(*args)`` to ONNX with standard operators only; returns the ``onnx.ModelProto``
     (and writes it to ``path`` when given, weights inside the file unless it would pass 2 GB).
 
@@ -36,15 +44,25 @@ def export(model: torch.nn.Module, args: Sequence[Any], path: Optional[str] = No
     The model should be in eval mode (a training-mode BatchNorm exports its batch statistics).
     """
     if isinstance(opset_version, bool) or not isinstance(opset_version, int) or opset_version < MIN_OPSET:
-        raise ValueError(f"opset_version must be an int >= {MIN_OPSET} (ONNX DeformConv appeared in opset "
-                         f"{MIN_OPSET}), got {opset_version!r}")
+        raise ValueError(
+            f"opset_version must be an int >= {MIN_OPSET} (ONNX DeformConv appeared in opset "
+            f"{MIN_OPSET}), got {opset_version!r}"
+        )
     if isinstance(ir_version, bool) or not isinstance(ir_version, int) or ir_version < 8:
         raise ValueError(f"ir_version must be an int >= 8 (opset {MIN_OPSET} needs IR 9), got {ir_version!r}")
     if not isinstance(args, (tuple, list)):
         raise TypeError(f"args must be a tuple of the model's positional inputs, got {type(args).__name__}")
-    program = torch.onnx.export(model, tuple(args), dynamo=True, opset_version=opset_version,
-                                custom_translation_table=custom_translation_table(), dynamic_shapes=dynamic_shapes,
-                                input_names=input_names, output_names=output_names, verbose=False)
+    program = torch.onnx.export(
+        model,
+        tuple(args),
+        dynamo=True,
+        opset_version=opset_version,
+        custom_translation_table=custom_translation_table(),
+        dynamic_shapes=dynamic_shapes,
+        input_names=input_names,
+        output_names=output_names,
+        verbose=False,
+    )
     program.model.ir_version = ir_version
     if path is not None:
         directory = os.path.dirname(os.path.abspath(path))

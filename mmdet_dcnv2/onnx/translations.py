@@ -28,19 +28,31 @@ def _static_kernel_shape(weight):
     return dims
 
 
-def modulated_deform_conv2d(input, offset, mask, weight, bias=None, stride=(1, 1), padding=(0, 0),
-                            dilation=(1, 1), groups=1, deform_groups=1):
+def modulated_deform_conv2d(
+    input, offset, mask, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, deform_groups=1
+):
     """``torch.ops.mmdet_dcnv2.modulated_deform_conv2d`` as ONNX ``DeformConv``."""
     pad_h, pad_w = padding
-    return op.DeformConv(input, weight, offset, bias, mask, dilations=list(dilation), group=groups,
-                         kernel_shape=_static_kernel_shape(weight), offset_group=deform_groups,
-                         pads=[pad_h, pad_w, pad_h, pad_w], strides=list(stride))
+    return op.DeformConv(
+        input,
+        weight,
+        offset,
+        bias,
+        mask,
+        dilations=list(dilation),
+        group=groups,
+        kernel_shape=_static_kernel_shape(weight),
+        offset_group=deform_groups,
+        pads=[pad_h, pad_w, pad_h, pad_w],
+        strides=list(stride),
+    )
 
 
 def _column(table, index):
     """Column ``index`` of a 2-D tensor, as (rows, 1)."""
-    return op.Slice(table, op.Constant(value_ints=[index]), op.Constant(value_ints=[index + 1]),
-                    op.Constant(value_ints=[1]))
+    return op.Slice(
+        table, op.Constant(value_ints=[index]), op.Constant(value_ints=[index + 1]), op.Constant(value_ints=[1])
+    )
 
 
 def _non_finite(x):
@@ -65,8 +77,7 @@ def _zero_where(bad, pooled, rank_shape):
     return op.Where(op.Reshape(bad, op.Constant(value_ints=rank_shape)), op.CastLike(0, pooled), pooled)
 
 
-def deform_roi_pool(input, rois, offset=None, output_size=(7, 7), spatial_scale=1.0, sampling_ratio=0,
-                    gamma=0.1):
+def deform_roi_pool(input, rois, offset=None, output_size=(7, 7), spatial_scale=1.0, sampling_ratio=0, gamma=0.1):
     """``torch.ops.mmdet_dcnv2.deform_roi_pool`` as ONNX ``RoiAlign``.
 
     Without offsets the op is RoIAlign with aligned=True: one ``RoiAlign`` (half_pixel) over the
@@ -93,12 +104,21 @@ def deform_roi_pool(input, rois, offset=None, output_size=(7, 7), spatial_scale=
     if offset is None:
         boxes = op.Slice(rois, op.Constant(value_ints=[1]), op.Constant(value_ints=[5]), op.Constant(value_ints=[1]))
         boxes = op.Where(bad_roi, op.CastLike(0, boxes), boxes)
-        pooled = op.RoiAlign(input, boxes, _batch_indices(batch, bad_roi), coordinate_transformation_mode=_HALF_PIXEL,
-                             mode="avg", output_height=out_h, output_width=out_w, sampling_ratio=sampling_ratio,
-                             spatial_scale=float(spatial_scale))
+        pooled = op.RoiAlign(
+            input,
+            boxes,
+            _batch_indices(batch, bad_roi),
+            coordinate_transformation_mode=_HALF_PIXEL,
+            mode="avg",
+            output_height=out_h,
+            output_width=out_w,
+            sampling_ratio=sampling_ratio,
+            spatial_scale=float(spatial_scale),
+        )
         return _zero_where(bad_roi, pooled, [-1, 1, 1, 1])
-    return _deformed_pool(input, rois, offset, bad_roi, batch, out_h, out_w, float(spatial_scale),
-                          int(sampling_ratio), float(gamma))
+    return _deformed_pool(
+        input, rois, offset, bad_roi, batch, out_h, out_w, float(spatial_scale), int(sampling_ratio), float(gamma)
+    )
 
 
 def _axis_boxes(low, high, bins, offset_channel, offset, scale, gamma, sampling_ratio, axis):
@@ -112,9 +132,15 @@ def _axis_boxes(low, high, bins, offset_channel, offset, scale, gamma, sampling_
     start = op.Reshape(start, op.Constant(value_ints=[-1, 1, 1]))
     size = op.Reshape(size, op.Constant(value_ints=[-1, 1, 1]))
     bin_size = op.Reshape(bin_size, op.Constant(value_ints=[-1, 1, 1]))
-    shift = op.Squeeze(op.Slice(offset, op.Constant(value_ints=[offset_channel]),
-                                op.Constant(value_ints=[offset_channel + 1]), op.Constant(value_ints=[1])),
-                       op.Constant(value_ints=[1]))  # (R, out_h, out_w)
+    shift = op.Squeeze(
+        op.Slice(
+            offset,
+            op.Constant(value_ints=[offset_channel]),
+            op.Constant(value_ints=[offset_channel + 1]),
+            op.Constant(value_ints=[1]),
+        ),
+        op.Constant(value_ints=[1]),
+    )  # (R, out_h, out_w)
     index_shape = [1, bins, 1] if axis == 1 else [1, 1, bins]
     index = op.Reshape(op.CastLike(op.Range(0, bins, 1), low), op.Constant(value_ints=index_shape))
     edge = op.Add(op.Add(start, op.Mul(op.Mul(op.CastLike(gamma, low), size), shift)), op.Mul(index, bin_size))
@@ -142,16 +168,18 @@ def _keep_grid_size(first, last, bin_size, half):
     # corners below 1): more than the rounding of the four operations behind RoiAlign's width
     # (first + target, the two corner shifts and their difference, half a unit each), and small
     # enough that the samples move by ~1e-6 px on a 100-px map.
-    ulps = op.Mul(op.Add(op.Max(op.Abs(first), op.Abs(last)), one), op.CastLike(3.0 * 2.0 ** -23, first))
+    ulps = op.Mul(op.Add(op.Max(op.Abs(first), op.Abs(last)), one), op.CastLike(3.0 * 2.0**-23, first))
     target = op.Min(op.Max(width, op.Add(op.Sub(wanted, one), ulps)), op.Sub(wanted, ulps))
     return op.Where(op.Equal(op.Ceil(width), wanted), last, op.Add(first, target))
 
 
 def _deformed_pool(input, rois, offset, bad_roi, batch, out_h, out_w, scale, sampling_ratio, gamma):
-    x_first, x_last, x_bad = _axis_boxes(_column(rois, 1), _column(rois, 3), out_w, 0, offset, scale, gamma,
-                                         sampling_ratio, axis=2)
-    y_first, y_last, y_bad = _axis_boxes(_column(rois, 2), _column(rois, 4), out_h, 1, offset, scale, gamma,
-                                         sampling_ratio, axis=1)
+    x_first, x_last, x_bad = _axis_boxes(
+        _column(rois, 1), _column(rois, 3), out_w, 0, offset, scale, gamma, sampling_ratio, axis=2
+    )
+    y_first, y_last, y_bad = _axis_boxes(
+        _column(rois, 2), _column(rois, 4), out_h, 1, offset, scale, gamma, sampling_ratio, axis=1
+    )
     bins = out_h * out_w
     bad = op.Or(op.Or(x_bad, y_bad), op.Reshape(bad_roi, op.Constant(value_ints=[-1, 1, 1])))
     bad = op.Reshape(bad, op.Constant(value_ints=[-1, 1]))  # (R * bins, 1)
@@ -159,9 +187,17 @@ def _deformed_pool(input, rois, offset, bad_roi, batch, out_h, out_w, scale, sam
     boxes = op.Concat(*corners, axis=1)
     boxes = op.Where(bad, op.CastLike(0, boxes), boxes)
     batch = op.Reshape(op.Expand(batch, op.Constant(value_ints=[1, bins])), op.Constant(value_ints=[-1, 1]))
-    pooled = op.RoiAlign(input, boxes, _batch_indices(batch, bad), coordinate_transformation_mode=_HALF_PIXEL,
-                         mode="avg", output_height=1, output_width=1, sampling_ratio=sampling_ratio,
-                         spatial_scale=1.0)  # (R * bins, C, 1, 1)
+    pooled = op.RoiAlign(
+        input,
+        boxes,
+        _batch_indices(batch, bad),
+        coordinate_transformation_mode=_HALF_PIXEL,
+        mode="avg",
+        output_height=1,
+        output_width=1,
+        sampling_ratio=sampling_ratio,
+        spatial_scale=1.0,
+    )  # (R * bins, C, 1, 1)
     pooled = _zero_where(bad, pooled, [-1, 1, 1, 1])
     channels = op.Slice(op.Shape(input), op.Constant(value_ints=[1]), op.Constant(value_ints=[2]))
     pooled = op.Reshape(pooled, op.Concat(op.Constant(value_ints=[-1, out_h, out_w]), channels, axis=0))

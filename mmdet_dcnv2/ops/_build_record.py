@@ -47,7 +47,7 @@ def arch_list_from_gencode_flags(flags):
 
     def version(code):  # '90' -> '9.0', '100' -> '10.0', '90a' -> '9.0a'
         digits = re.match(r"\d+", code).group(0)
-        return f"{digits[:-1]}.{digits[-1]}{code[len(digits):]}"
+        return f"{digits[:-1]}.{digits[-1]}{code[len(digits) :]}"
 
     def key(code):
         digits = re.match(r"\d+", code).group(0)

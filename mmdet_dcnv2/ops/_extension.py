@@ -12,8 +12,10 @@ def _source_tree_hint():
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if not os.path.exists(os.path.join(repo, "setup.py")):
         return ""
-    return (f" This is the source tree at {repo}, which has no compiled extension: import the installed "
-            "package instead by running Python with -P (`.venv/bin/python -P ...`) or from another directory.")
+    return (
+        f" This is the source tree at {repo}, which has no compiled extension: import the installed "
+        "package instead by running Python with -P (`.venv/bin/python -P ...`) or from another directory."
+    )
 
 
 try:

@@ -29,20 +29,31 @@ PARTS = ("backbone+neck", "detector")
 def parse_args(argv=None):
     from mmengine.config import DictAction
 
-    parser = argparse.ArgumentParser(description="Export an mmdet DCNv2 model to standard ONNX (DeformConv) "
-                                                 "and check it in ONNX Runtime.")
+    parser = argparse.ArgumentParser(
+        description="Export an mmdet DCNv2 model to standard ONNX (DeformConv) and check it in ONNX Runtime."
+    )
     parser.add_argument("config", help="mmdet config (with custom_imports=['mmdet_dcnv2'] for DCNv2 models)")
     parser.add_argument("checkpoint", help="checkpoint of that config's model")
     parser.add_argument("--out", required=True, help="ONNX file to write")
     parser.add_argument("--part", choices=PARTS, default="backbone+neck", help="what to export (default: %(default)s)")
-    parser.add_argument("--shape", type=int, nargs=2, metavar=("H", "W"), default=None,
-                        help="example input height and width (default: the test pipeline's scale, padded to the "
-                             "size divisor); the file accepts any multiple of the size divisor")
+    parser.add_argument(
+        "--shape",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        default=None,
+        help="example input height and width (default: the test pipeline's scale, padded to the "
+        "size divisor); the file accepts any multiple of the size divisor",
+    )
     parser.add_argument("--batch", type=int, default=1, help="example batch size (the file accepts any)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (>= 19; default: torch's exporter default)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per runtime for the speed comparison")
-    parser.add_argument("--rtol", type=float, default=1e-4,
-                        help="largest accepted |PyTorch - ORT|, relative to the largest |PyTorch output|")
+    parser.add_argument(
+        "--rtol",
+        type=float,
+        default=1e-4,
+        help="largest accepted |PyTorch - ORT|, relative to the largest |PyTorch output|",
+    )
     parser.add_argument("--cfg-options", nargs="+", action=DictAction, help="mmengine config overrides")
     args = parser.parse_args(argv)
     for name in ("batch", "runs"):
@@ -73,11 +84,11 @@ class BackboneNeck:
 
 def build_model(config: str, cfg_options=None):
     """The config's detector (eval mode, untrained) and the config."""
+    from mmdet.registry import MODELS
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
 
     import mmdet_dcnv2  # noqa: F401  (registers our layers)
-    from mmdet.registry import MODELS
 
     cfg = Config.fromfile(config)
     if cfg_options:
@@ -96,15 +107,20 @@ def load_checkpoint_strictly(model, checkpoint: str) -> None:
     try:
         load_checkpoint(model, checkpoint, map_location="cpu", strict=True, logger="silent")
     except Exception as error:  # unreadable file, pickle error, missing/unexpected keys, size mismatch
-        raise SystemExit(f"export_onnx: checkpoint {checkpoint!r} does not fit the config's model, nothing "
-                         f"exported: {type(error).__name__}: {str(error).strip()[:2000]}") from error
+        raise SystemExit(
+            f"export_onnx: checkpoint {checkpoint!r} does not fit the config's model, nothing "
+            f"exported: {type(error).__name__}: {str(error).strip()[:2000]}"
+        ) from error
 
 
 def mmcv_modules(module) -> List[str]:
     """Submodules running mmcv's compiled ops, which torch.export cannot trace (FakeTensor data-pointer
     errors): e.g. mmcv's own DCNv2 when MMDET_DCNV2_OVERRIDE=0 keeps it."""
-    return [f"{name} ({type(m).__module__}.{type(m).__name__})" for name, m in module.named_modules()
-            if type(m).__module__.startswith("mmcv.ops")]
+    return [
+        f"{name} ({type(m).__module__}.{type(m).__name__})"
+        for name, m in module.named_modules()
+        if type(m).__module__.startswith("mmcv.ops")
+    ]
 
 
 def detector_blockers(model, cfg) -> List[str]:
@@ -112,8 +128,9 @@ def detector_blockers(model, cfg) -> List[str]:
     blockers = [f"mmcv op {item}" for item in mmcv_modules(model)]
     for name, m in model.named_modules():
         if type(m).__name__.endswith("RoIExtractor"):
-            blockers.append(f"{name} ({type(m).__name__}: mmdet maps RoIs to FPN levels with a data-dependent "
-                            "branch per level)")
+            blockers.append(
+                f"{name} ({type(m).__name__}: mmdet maps RoIs to FPN levels with a data-dependent branch per level)"
+            )
     nms = [path for path, value in _walk(cfg.model.get("test_cfg") or {}) if path.endswith("nms") and value]
     if nms:
         blockers.append("mmcv nms in mmdet's post-processing (test_cfg." + ", test_cfg.".join(nms) + ")")
@@ -168,8 +185,10 @@ def operator_counts(path: str) -> Dict[str, int]:
     model = onnx.load(path, load_external_data=False)
     custom = sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")})
     if custom or model.functions:
-        raise SystemExit(f"export_onnx: {path} uses non-standard operators (domains {custom}, "
-                         f"{len(model.functions)} local functions)")
+        raise SystemExit(
+            f"export_onnx: {path} uses non-standard operators (domains {custom}, "
+            f"{len(model.functions)} local functions)"
+        )
     return dict(sorted(collections.Counter(n.op_type for n in model.graph.node).items()))
 
 
@@ -185,42 +204,65 @@ def main(argv=None) -> Dict[str, object]:
 
     model, cfg = build_model(args.config, args.cfg_options)
     if args.part == "detector":
-        raise SystemExit("export_onnx: --part detector is not supported: torch.export cannot trace "
-                         + "; ".join(detector_blockers(model, cfg))
-                         + ". Export --part backbone+neck and run the heads in PyTorch on its feature maps.")
+        raise SystemExit(
+            "export_onnx: --part detector is not supported: torch.export cannot trace "
+            + "; ".join(detector_blockers(model, cfg))
+            + ". Export --part backbone+neck and run the heads in PyTorch on its feature maps."
+        )
     load_checkpoint_strictly(model, args.checkpoint)
     part = BackboneNeck.wrap(model)
     blocked = mmcv_modules(part)
     if blocked:
-        raise SystemExit("export_onnx: cannot export mmcv's compiled ops (torch.export fails on them): "
-                         + ", ".join(blocked) + ". Build the model with mmdet_dcnv2's layers "
-                         "(custom_imports=['mmdet_dcnv2'], MMDET_DCNV2_OVERRIDE unset).")
+        raise SystemExit(
+            "export_onnx: cannot export mmcv's compiled ops (torch.export fails on them): "
+            + ", ".join(blocked)
+            + ". Build the model with mmdet_dcnv2's layers "
+            "(custom_imports=['mmdet_dcnv2'], MMDET_DCNV2_OVERRIDE unset)."
+        )
 
     divisor = int(getattr(model.data_preprocessor, "pad_size_divisor", 1) or 1)
     height, width = args.shape or default_shape(cfg, divisor)
     if height % divisor or width % divisor:
-        raise SystemExit(f"export_onnx: --shape {height} {width} must be multiples of the size divisor {divisor} "
-                         "(the data preprocessor pads images to it)")
+        raise SystemExit(
+            f"export_onnx: --shape {height} {width} must be multiples of the size divisor {divisor} "
+            "(the data preprocessor pads images to it)"
+        )
     x = torch.randn(args.batch, 3, height, width, generator=torch.Generator().manual_seed(0))
     # H and W as multiples of the divisor keep every stride-2 stage and FPN upsampling exact.
-    dims = {0: Dim("batch", min=1, max=1024), 2: divisor * Dim("h_blocks", min=1, max=4096 // divisor),
-            3: divisor * Dim("w_blocks", min=1, max=4096 // divisor)}
+    dims = {
+        0: Dim("batch", min=1, max=1024),
+        2: divisor * Dim("h_blocks", min=1, max=4096 // divisor),
+        3: divisor * Dim("w_blocks", min=1, max=4096 // divisor),
+    }
     opset = args.opset or DEFAULT_OPSET
-    print(f"export_onnx: exporting {args.part} of {osp.basename(args.config)} at {tuple(x.shape)}, opset {opset}",
-          flush=True)
+    print(
+        f"export_onnx: exporting {args.part} of {osp.basename(args.config)} at {tuple(x.shape)}, opset {opset}",
+        flush=True,
+    )
     export(part, (x,), args.out, dynamic_shapes={"x": dims}, opset_version=opset, input_names=["x"])
     ops = operator_counts(args.out)
     print(f"export_onnx: wrote {args.out}: operators {ops}")
-    result = {"config": args.config, "part": args.part, "shape": list(x.shape), "operators": ops,
-              **check_and_time(args.out, part, x, args.runs)}
-    print(f"export_onnx: ONNX Runtime vs PyTorch on the same input: max abs diff {result['max_abs_diff']:.3g} "
-          f"(largest |output| {result['max_abs_output']:.3g})")
-    print(f"export_onnx: CPU time per forward ({result['threads']} threads, median of {args.runs}): "
-          f"PyTorch {result['torch_s'] * 1e3:.1f} ms, ONNX Runtime {result['ort_s'] * 1e3:.1f} ms "
-          f"({result['torch_s'] / result['ort_s']:.2f}x)")
+    result = {
+        "config": args.config,
+        "part": args.part,
+        "shape": list(x.shape),
+        "operators": ops,
+        **check_and_time(args.out, part, x, args.runs),
+    }
+    print(
+        f"export_onnx: ONNX Runtime vs PyTorch on the same input: max abs diff {result['max_abs_diff']:.3g} "
+        f"(largest |output| {result['max_abs_output']:.3g})"
+    )
+    print(
+        f"export_onnx: CPU time per forward ({result['threads']} threads, median of {args.runs}): "
+        f"PyTorch {result['torch_s'] * 1e3:.1f} ms, ONNX Runtime {result['ort_s'] * 1e3:.1f} ms "
+        f"({result['torch_s'] / result['ort_s']:.2f}x)"
+    )
     if not result["max_abs_diff"] <= args.rtol * max(result["max_abs_output"], 1.0):
-        raise SystemExit(f"export_onnx: ONNX Runtime differs from PyTorch by {result['max_abs_diff']:.3g}, more than "
-                         f"--rtol {args.rtol} x {max(result['max_abs_output'], 1.0):.3g}")
+        raise SystemExit(
+            f"export_onnx: ONNX Runtime differs from PyTorch by {result['max_abs_diff']:.3g}, more than "
+            f"--rtol {args.rtol} x {max(result['max_abs_output'], 1.0):.3g}"
+        )
     return result
 
 

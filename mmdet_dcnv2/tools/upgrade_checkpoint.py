@@ -36,7 +36,9 @@ class UpgradeError(Exception):
     """The input cannot be upgraded; the message says why and what to do."""
 
 
-def rename_dcn_offset_keys(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], List[Tuple[str, str]]]:
+def rename_dcn_offset_keys(
+    state_dict: Dict[str, torch.Tensor],
+) -> Tuple[Dict[str, torch.Tensor], List[Tuple[str, str]]]:
     """(the state dict with ``P_offset.*`` renamed to ``P.conv_offset.*``, the (old, new) pairs).
     Key order and torch's ``_metadata`` (module versions) are kept."""
     renames = {}
@@ -76,16 +78,22 @@ def _load(path: str) -> Tuple[Optional[dict], Dict[str, torch.Tensor]]:
         if "Unsupported global" not in detail:  # a damaged file reads as a pickle with a bad opcode
             raise UpgradeError(f"IN {path!r} is not a readable torch checkpoint: {detail}") from error
         # weights_only refuses objects that could run code on load; say so rather than loading them.
-        raise UpgradeError(f"IN {path!r} holds objects torch.load(weights_only=True) refuses ({detail}); "
-                           "only plain checkpoints (tensors, numbers, strings, containers) are upgraded") from error
+        raise UpgradeError(
+            f"IN {path!r} holds objects torch.load(weights_only=True) refuses ({detail}); "
+            "only plain checkpoints (tensors, numbers, strings, containers) are upgraded"
+        ) from error
     except Exception as error:  # torch raises RuntimeError, EOFError, ... for a damaged or foreign file
-        raise UpgradeError(f"IN {path!r} is not a readable torch checkpoint: {type(error).__name__}: {error}") from error
+        raise UpgradeError(
+            f"IN {path!r} is not a readable torch checkpoint: {type(error).__name__}: {error}"
+        ) from error
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         return checkpoint, checkpoint["state_dict"]
     if isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         return None, checkpoint
-    raise UpgradeError(f"IN {path!r} has no state dict: expected a dict with a 'state_dict' entry (as mmdet "
-                       "saves) or a dict of tensors")
+    raise UpgradeError(
+        f"IN {path!r} has no state dict: expected a dict with a 'state_dict' entry (as mmdet "
+        "saves) or a dict of tensors"
+    )
 
 
 def _unpickler_detail(error: Exception) -> str:
@@ -104,7 +112,8 @@ def _check_mmdet_converter_ran(state_dict: Dict[str, torch.Tensor], path: str) -
     if two_stage and top_level_heads:
         raise UpgradeError(
             f"IN {path!r} is an mmdet 1.x two-stage checkpoint ({', '.join(top_level_heads)} at the top level, "
-            f"not under roi_head.): run mmdet's {MMDET_CONVERTER} on it first, then this command on its output")
+            f"not under roi_head.): run mmdet's {MMDET_CONVERTER} on it first, then this command on its output"
+        )
 
 
 def upgrade(in_path: str, out_path: str, force: bool = False) -> List[Tuple[str, str]]:
@@ -116,9 +125,11 @@ def upgrade(in_path: str, out_path: str, force: bool = False) -> List[Tuple[str,
     _check_mmdet_converter_ran(state_dict, in_path)
     state_dict, renames = rename_dcn_offset_keys(state_dict)
     if not renames:
-        raise UpgradeError(f"nothing to rename in {in_path!r}: no '<layer>_offset.weight' beside a '<layer>.weight' "
-                           "of the same kernel size. Its DCN keys are already mmdet 2.x/3.x ones (or it has no DCN "
-                           "layer); it loads as it is. OUT was not written")
+        raise UpgradeError(
+            f"nothing to rename in {in_path!r}: no '<layer>_offset.weight' beside a '<layer>.weight' "
+            "of the same kernel size. Its DCN keys are already mmdet 2.x/3.x ones (or it has no DCN "
+            "layer); it loads as it is. OUT was not written"
+        )
     result = state_dict if checkpoint is None else dict(checkpoint, state_dict=state_dict)
     # Written beside OUT and moved into place, so a failure leaves no half-written OUT behind.
     folder = os.path.dirname(os.path.abspath(out_path))
@@ -137,7 +148,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m mmdet_dcnv2.tools.upgrade_checkpoint",
         description="Rename mmdet 1.x DCN offset keys (conv2_offset.* -> conv2.conv_offset.*). For an mmdet 1.x "
-                    f"checkpoint, run mmdet's {MMDET_CONVERTER} first (roi_head prefix, class order), then this.")
+        f"checkpoint, run mmdet's {MMDET_CONVERTER} first (roi_head prefix, class order), then this.",
+    )
     parser.add_argument("input", metavar="IN", help="checkpoint to read")
     parser.add_argument("output", metavar="OUT", help="checkpoint to write (not overwritten without --force)")
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
@@ -153,8 +165,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     for old, new in renames:
         print(f"{old} -> {new}")
-    print(f"renamed {len(renames)} keys; wrote {args.output}. (An mmdet 1.x checkpoint also needs mmdet's "
-          f"{MMDET_CONVERTER}, before this command.)")
+    print(
+        f"renamed {len(renames)} keys; wrote {args.output}. (An mmdet 1.x checkpoint also needs mmdet's "
+        f"{MMDET_CONVERTER}, before this command.)"
+    )
     return 0
 
 

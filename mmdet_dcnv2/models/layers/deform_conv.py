@@ -34,17 +34,29 @@ class _DeformConvPack(nn.Module):
     # checkpoints' metadata identical to mmcv's.
     _version = 2
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
-                 padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1, deform_groups: int = 1,
-                 bias: Union[bool, str] = True) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: IntPair = 0,
+        dilation: IntPair = 1,
+        groups: int = 1,
+        deform_groups: int = 1,
+        bias: Union[bool, str] = True,
+    ) -> None:
         super().__init__()
-        checks = (("in_channels", in_channels, "groups", groups),
-                  ("out_channels", out_channels, "groups", groups),
-                  ("in_channels", in_channels, "deform_groups", deform_groups))
+        checks = (
+            ("in_channels", in_channels, "groups", groups),
+            ("out_channels", out_channels, "groups", groups),
+            ("in_channels", in_channels, "deform_groups", deform_groups),
+        )
         for arg, value, divisor_name, divisor in checks:
             if divisor < 1 or value % divisor != 0:
-                raise ValueError(f"{type(self).__name__}: {arg} ({value}) must be divisible by "
-                                 f"{divisor_name} ({divisor})")
+                raise ValueError(
+                    f"{type(self).__name__}: {arg} ({value}) must be divisible by {divisor_name} ({divisor})"
+                )
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = _pair(kernel_size)
@@ -63,9 +75,15 @@ class _DeformConvPack(nn.Module):
         else:
             self.register_parameter("bias", None)
         taps = self.kernel_size[0] * self.kernel_size[1]
-        self.conv_offset = nn.Conv2d(in_channels, deform_groups * self.points_per_tap * taps,
-                                     kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
-                                     dilation=self.dilation, bias=True)
+        self.conv_offset = nn.Conv2d(
+            in_channels,
+            deform_groups * self.points_per_tap * taps,
+            kernel_size=self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            bias=True,
+        )
         self.init_weights()
 
     def init_offset(self) -> None:
@@ -86,13 +104,25 @@ class _DeformConvPack(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         offset, mask = self.offset_and_mask(x)
-        return modulated_deform_conv2d(x, offset, mask, self.weight, self.bias, self.stride, self.padding,
-                                       self.dilation, self.groups, self.deform_groups)
+        return modulated_deform_conv2d(
+            x,
+            offset,
+            mask,
+            self.weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.deform_groups,
+        )
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-                f"groups={self.groups}, deform_groups={self.deform_groups}, bias={self.bias is not None}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+            f"groups={self.groups}, deform_groups={self.deform_groups}, bias={self.bias is not None}"
+        )
 
 
 @MODELS.register_module()
@@ -107,11 +137,19 @@ class MDConv(_DeformConvPack):
     points_per_tap = 3
 
     @deprecated_api_warning({"deformable_groups": "deform_groups"}, cls_name="MDConv")
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
-                 padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1, deform_groups: int = 1,
-                 bias: Union[bool, str] = True) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                         deform_groups, bias)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: IntPair = 0,
+        dilation: IntPair = 1,
+        groups: int = 1,
+        deform_groups: int = 1,
+        bias: Union[bool, str] = True,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, deform_groups, bias)
 
     def reset_parameters(self) -> None:
         # mmcv's ModulatedDeformConv2d initialisation.
@@ -138,11 +176,20 @@ class DConv(_DeformConvPack):
     points_per_tap = 2
 
     @deprecated_api_warning({"deformable_groups": "deform_groups"}, cls_name="DConv")
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
-                 padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1, deform_groups: int = 1,
-                 bias: bool = False, im2col_step: int = 32) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                         deform_groups, bias)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: IntPair = 0,
+        dilation: IntPair = 1,
+        groups: int = 1,
+        deform_groups: int = 1,
+        bias: bool = False,
+        im2col_step: int = 32,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, deform_groups, bias)
 
     def reset_parameters(self) -> None:
         # mmcv's DeformConv2d initialisation.
@@ -152,4 +199,3 @@ class DConv(_DeformConvPack):
 
     def offset_and_mask(self, x: Tensor) -> Tuple[Tensor, None]:
         return self.conv_offset(x), None
-
