@@ -22,9 +22,9 @@ try:
     from .. import _C  # noqa: F401  (loading it registers torch.ops.mmdet_dcnv2.*)
 except ImportError as error:  # pragma: no cover - depends on how the package was installed
     raise ImportError(
-        f"mmdet_dcnv2's compiled extension (mmdet_dcnv2._C) could not be loaded: {error}.{_source_tree_hint()} "
+        f"mmdet_dcnv2's compiled extension (mmdet_dcnv2._C) could not be loaded.{_source_tree_hint()} "
         "To build it: `pip install --no-build-isolation .` from the source tree, in the environment whose "
-        "torch will run it (`make install` does this into .venv)."
+        f"torch will run it (`make install` does this into .venv). (Python said: {error})"
     ) from error
 
 

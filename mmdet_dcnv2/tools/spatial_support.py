@@ -20,6 +20,7 @@ import json
 import math
 import os
 import os.path as osp
+import sys
 import time
 from typing import Dict, List
 
@@ -119,4 +120,7 @@ def main(argv=None) -> Dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:  # bad arguments: one line, not a traceback
+        sys.exit(f"spatial_support: {error}")
