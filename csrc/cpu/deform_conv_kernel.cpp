@@ -23,6 +23,27 @@
 #include <vector>
 
 #include "../deform_conv.h"
+#include "cpu_isa.h"
+#include "transpose.h"
+
+// The hot loops are compiled three times -- x86-64 baseline, AVX2 + FMA, AVX-512 -- from one body
+// marked always-inline (with its helpers and lambdas), each copy inside a function carrying a target
+// attribute, so the compiler vectorises every copy for its ISA; cpu_isa() picks one per call. Only the
+// wrappers carry targets: an out-of-line copy of an inline helper is baseline code, so no
+// AVX instruction can leak into the baseline path through the linker's choice of one definition.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DCN_MULTI_ISA 1
+#define DCN_INLINE __attribute__((always_inline)) inline
+#define DCN_LAMBDA_INLINE __attribute__((always_inline))
+#define DCN_TARGET_AVX2 __attribute__((target("avx2,fma,bmi2,f16c")))
+#define DCN_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi2")))
+#else
+#define DCN_MULTI_ISA 0
+#define DCN_INLINE inline
+#define DCN_LAMBDA_INLINE
+#define DCN_TARGET_AVX2
+#define DCN_TARGET_AVX512
+#endif
 
 namespace mmdet_dcnv2 {
 namespace {
@@ -41,6 +62,35 @@ constexpr int64_t kChannelBlock = 32;
 // the machine, and wide enough for the compiler to keep them in one vector register.
 constexpr int kLanes = 8;
 
+// The widest ISA each loop is built for where the CPU has it (measured; docs/performance.md): a
+// level is kept only where it beat the one below.
+constexpr CpuIsa kFillIsa = CpuIsa::kAvx2;
+constexpr CpuIsa kScatterIsa = CpuIsa::kAvx2;
+constexpr CpuIsa kDotsIsa = CpuIsa::kAvx2;
+
+inline CpuIsa loop_isa(CpuIsa widest_kept) {
+  const CpuIsa isa = cpu_isa();
+  return static_cast<int>(isa) < static_cast<int>(widest_kept) ? isa : widest_kept;
+}
+
+// NAME_baseline/_avx2/_avx512: the member NAME_body compiled for each ISA.
+#define DCN_ISA_VARIANTS(NAME, PARAMS, ARGS)                  \
+  void NAME##_baseline PARAMS { NAME##_body ARGS; }           \
+  DCN_TARGET_AVX2 void NAME##_avx2 PARAMS { NAME##_body ARGS; } \
+  DCN_TARGET_AVX512 void NAME##_avx512 PARAMS { NAME##_body ARGS; }
+
+#define DCN_ISA_CALL(ISA, NAME, ARGS) \
+  switch (ISA) {                      \
+    case CpuIsa::kAvx512:             \
+      NAME##_avx512 ARGS;             \
+      break;                          \
+    case CpuIsa::kAvx2:               \
+      NAME##_avx2 ARGS;               \
+      break;                          \
+    default:                          \
+      NAME##_baseline ARGS;           \
+  }
+
 // Grain size for at::parallel_for over tasks of `samples_per_task` samples each.
 inline int64_t grain_for(int64_t samples_per_task) {
   return std::max<int64_t>(1, kMinSamplesPerThread / std::max<int64_t>(1, samples_per_task));
@@ -49,7 +99,7 @@ inline int64_t grain_for(int64_t samples_per_task) {
 // One sample for n consecutive channels: out[i] = sum_j w[j] * x_j[i], x_j the four corners, which
 // lie `right` and `down` elements apart.
 template <typename scalar_t, typename acc_t>
-inline void sample_channels(const scalar_t* __restrict__ x, int64_t n, int64_t right, int64_t down, const acc_t w[4],
+DCN_INLINE void sample_channels(const scalar_t* __restrict__ x, int64_t n, int64_t right, int64_t down, const acc_t w[4],
                             scalar_t* __restrict__ out) {
   const acc_t w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
   const scalar_t* __restrict__ x1 = x + right;
@@ -64,7 +114,7 @@ inline void sample_channels(const scalar_t* __restrict__ x, int64_t n, int64_t r
 // The transpose of sample_channels: gx_j[i] += w[j] * grad[i] for the four corners (disjoint ranges:
 // n never exceeds `right`, the channel count).
 template <typename scalar_t, typename acc_t>
-inline void scatter_channels(const scalar_t* __restrict__ grad, int64_t n, int64_t right, int64_t down,
+DCN_INLINE void scatter_channels(const scalar_t* __restrict__ grad, int64_t n, int64_t right, int64_t down,
                              const acc_t w[4], acc_t* gx) {
   const acc_t w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
   acc_t* __restrict__ g0 = gx;
@@ -82,7 +132,7 @@ inline void scatter_channels(const scalar_t* __restrict__ grad, int64_t n, int64
 
 // dots[j] += sum_i grad[i] * x_j[i] over n consecutive channels, for the four corners.
 template <typename scalar_t, typename acc_t>
-inline void corner_dots(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x, int64_t n, int64_t right,
+DCN_INLINE void corner_dots(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x, int64_t n, int64_t right,
                         int64_t down, acc_t dots[4]) {
   const scalar_t* xs[4] = {x, x + right, x + down, x + down + right};
   acc_t lanes[4][kLanes] = {};
@@ -115,11 +165,11 @@ struct Plan {
     for (auto& wj : w) wj.resize(n);
     if (with_mask) mask.resize(n);
   }
-  void weights(int64_t i, acc_t out[4]) const {
+  DCN_INLINE void weights(int64_t i, acc_t out[4]) const {
     for (int j = 0; j < 4; ++j) out[j] = w[j][i];
   }
   // The weights of a modulated sample: the mask applied here where the plan keeps it apart.
-  void modulated_weights(int64_t i, acc_t out[4]) const {
+  DCN_INLINE void modulated_weights(int64_t i, acc_t out[4]) const {
     weights(i, out);
     if (!mask.empty()) {
       for (int j = 0; j < 4; ++j) out[j] *= mask[i];
@@ -145,7 +195,11 @@ class CpuColumns final : public ColumnKernels {
     TORCH_CHECK_VALUE(pad_plane_ < (int64_t(1) << 31), "input planes of more than 2^31 elements (", g.height, " x ",
                       g.width, ") are not supported on CPU");
     padded_ = at::zeros({g.batch, g.height + 3, g.width + 2, g.in_channels}, input.options());
-    interior(padded_).copy_(input.permute({0, 2, 3, 1}));
+    // padded[n, y + kPadTop, x + kPadLeft, c] = input[n, c, y, x], one (C, W) transpose per image row.
+    const int64_t c = g.in_channels, plane = g.plane();
+    transpose_batched<false>(input.const_data_ptr<scalar_t>(), plane,
+                             padded_.data_ptr<scalar_t>() + (kPadTop * pad_width_ + kPadLeft) * c, c, c, g.width,
+                             {g.batch, c * plane, pad_plane_ * c}, {g.height, g.width, pad_width_ * c});
   }
 
   ColumnLayout layout() const override { return ColumnLayout::kPixelMajor; }
@@ -160,27 +214,20 @@ class CpuColumns final : public ColumnKernels {
   }
 
   void finish_backward(ConvGrads& grads) override {
-    if (padded_grad_.defined()) grads.input.add_(interior(padded_grad_).permute({0, 3, 1, 2}));
+    if (!padded_grad_.defined()) return;
+    // grads.input[n, c, y, x] += padded_grad[n, y + kPadTop, x + kPadLeft, c]: (W, C) transposes.
+    const int64_t c = g_.in_channels, plane = g_.plane();
+    transpose_batched<true>(padded_grad_.const_data_ptr<acc_t>() + (kPadTop * pad_width_ + kPadLeft) * c, c,
+                            grads.input.data_ptr<acc_t>(), plane, g_.width, c, {g_.batch, pad_plane_ * c, c * plane},
+                            {g_.height, pad_width_ * c, g_.width});
   }
 
   // columns[q * C_in * taps + position of (channel, kernel point)] = modulated sample (kPixelMajor).
   void fill_columns(const at::Tensor& columns) override {
-    const int64_t rows = plan_rows(), row_len = g_.in_channels * g_.taps();
     scalar_t* out = columns.data_ptr<scalar_t>();
-    at::parallel_for(0, tile_.cols(), grain_for(row_len), [&](int64_t q0, int64_t q1) {
-      for (int64_t q = q0; q < q1; ++q) {
-        const scalar_t* x = image(padded_.const_data_ptr<scalar_t>(), q);
-        for (int64_t row = 0; row < rows; ++row) {
-          const int64_t e = q * rows + row;
-          acc_t w[4];
-          plan_.modulated_weights(e, w);
-          const scalar_t* corner = x + int64_t(plan_.base[e]) * g_.in_channels;
-          for_each_channel_run(row, 0, g_.in_channels, [&](int64_t c0, int64_t c1, int64_t position) {
-            sample_channels<scalar_t, acc_t>(corner + c0, c1 - c0, g_.in_channels, down(), w,
-                                             out + q * row_len + position);
-          });
-        }
-      }
+    const CpuIsa isa = loop_isa(kFillIsa);
+    at::parallel_for(0, tile_.cols(), grain_for(g_.in_channels * g_.taps()), [&](int64_t q0, int64_t q1) {
+      DCN_ISA_CALL(isa, fill_range, (out, q0, q1));
     });
   }
 
@@ -198,14 +245,11 @@ class CpuColumns final : public ColumnKernels {
   }
 
  private:
-  at::Tensor interior(const at::Tensor& padded) const {
-    return padded.narrow(1, kPadTop, g_.height).narrow(2, kPadLeft, g_.width);
-  }
-  int64_t plan_rows() const { return g_.deform_groups * g_.taps(); }
-  int64_t down() const { return pad_width_ * g_.in_channels; }  // elements between padded rows
+  DCN_INLINE int64_t plan_rows() const { return g_.deform_groups * g_.taps(); }
+  DCN_INLINE int64_t down() const { return pad_width_ * g_.in_channels; }  // elements between padded rows
   // The padded channels-last image that column q samples.
   template <typename T>
-  T* image(T* padded, int64_t q) const {
+  DCN_INLINE T* image(T* padded, int64_t q) const {
     return padded + (tile_.n0 + q / tile_.width()) * pad_plane_ * g_.in_channels;
   }
 
@@ -213,7 +257,7 @@ class CpuColumns final : public ColumnKernels {
   // that are consecutive in a column: split where a conv group ends. `position` is c0's place in
   // the column row (ColumnLayout::kPixelMajor).
   template <typename Fn>
-  void for_each_channel_run(int64_t row, int64_t lo, int64_t hi, const Fn& fn) const {
+  DCN_INLINE void for_each_channel_run(int64_t row, int64_t lo, int64_t hi, const Fn& fn) const {
     const int64_t taps = g_.taps(), k = row % taps, cpdg = g_.in_per_deform_group(), cpg = g_.in_per_group();
     const int64_t first = std::max(lo, (row / taps) * cpdg), last = std::min(hi, (row / taps + 1) * cpdg);
     for (int64_t c0 = first; c0 < last;) {
@@ -222,6 +266,24 @@ class CpuColumns final : public ColumnKernels {
       c0 = c1;
     }
   }
+
+  DCN_INLINE void fill_range_body(scalar_t* out, int64_t q0, int64_t q1) const {
+    const int64_t rows = plan_rows(), row_len = g_.in_channels * g_.taps();
+    for (int64_t q = q0; q < q1; ++q) {
+      const scalar_t* x = image(padded_.const_data_ptr<scalar_t>(), q);
+      for (int64_t row = 0; row < rows; ++row) {
+        const int64_t e = q * rows + row;
+        acc_t w[4];
+        plan_.modulated_weights(e, w);
+        const scalar_t* corner = x + int64_t(plan_.base[e]) * g_.in_channels;
+        for_each_channel_run(row, 0, g_.in_channels, [&](int64_t c0, int64_t c1, int64_t position) DCN_LAMBDA_INLINE {
+          sample_channels<scalar_t, acc_t>(corner + c0, c1 - c0, g_.in_channels, down(), w,
+                                           out + q * row_len + position);
+        });
+      }
+    }
+  }
+  DCN_ISA_VARIANTS(fill_range, (scalar_t * out, int64_t q0, int64_t q1) const, (out, q0, q1))
 
   void build_plan() {
     const int64_t taps = g_.taps(), pixels = g_.pixels(), width = tile_.width(), rows = plan_rows();
@@ -248,34 +310,49 @@ class CpuColumns final : public ColumnKernels {
   // Each task owns one block of channels of one image's padded gradient: no two threads write alike,
   // and every element receives its contributions in the same order whatever the thread count.
   void scatter_grad_input(const scalar_t* grad_columns, acc_t* padded_grad) {
+    const int64_t blocks = (g_.in_channels + kChannelBlock - 1) / kChannelBlock;
+    const CpuIsa isa = loop_isa(kScatterIsa);
+    at::parallel_for(0, tile_.count * blocks, grain_for(tile_.width() * plan_rows() * kChannelBlock),
+                     [&](int64_t t0, int64_t t1) { DCN_ISA_CALL(isa, scatter_range, (grad_columns, padded_grad, t0, t1)); });
+  }
+
+  DCN_INLINE void scatter_range_body(const scalar_t* grad_columns, acc_t* padded_grad, int64_t t0, int64_t t1) const {
     const int64_t rows = plan_rows(), row_len = g_.in_channels * g_.taps(), width = tile_.width();
     const int64_t blocks = (g_.in_channels + kChannelBlock - 1) / kChannelBlock;
-    at::parallel_for(0, tile_.count * blocks, grain_for(width * rows * kChannelBlock), [&](int64_t t0, int64_t t1) {
-      for (int64_t task = t0; task < t1; ++task) {
-        const int64_t b = task / blocks, lo = (task % blocks) * kChannelBlock;
-        const int64_t hi = std::min(g_.in_channels, lo + kChannelBlock);
-        for (int64_t q = b * width; q < (b + 1) * width; ++q) {
-          acc_t* gx = image(padded_grad, q);
-          for (int64_t row = 0; row < rows; ++row) {
-            const int64_t e = q * rows + row;
-            if (plan_.base[e] == 0) continue;  // outside the map: all four corners are padding
-            acc_t w[4];
-            plan_.modulated_weights(e, w);
-            acc_t* corner = gx + int64_t(plan_.base[e]) * g_.in_channels;
-            for_each_channel_run(row, lo, hi, [&](int64_t c0, int64_t c1, int64_t position) {
-              scatter_channels<scalar_t, acc_t>(grad_columns + q * row_len + position, c1 - c0, g_.in_channels,
-                                                down(), w, corner + c0);
-            });
-          }
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / blocks, lo = (task % blocks) * kChannelBlock;
+      const int64_t hi = std::min(g_.in_channels, lo + kChannelBlock);
+      for (int64_t q = b * width; q < (b + 1) * width; ++q) {
+        acc_t* gx = image(padded_grad, q);
+        for (int64_t row = 0; row < rows; ++row) {
+          const int64_t e = q * rows + row;
+          if (plan_.base[e] == 0) continue;  // outside the map: all four corners are padding
+          acc_t w[4];
+          plan_.modulated_weights(e, w);
+          acc_t* corner = gx + int64_t(plan_.base[e]) * g_.in_channels;
+          for_each_channel_run(row, lo, hi, [&](int64_t c0, int64_t c1, int64_t position) DCN_LAMBDA_INLINE {
+            scatter_channels<scalar_t, acc_t>(grad_columns + q * row_len + position, c1 - c0, g_.in_channels,
+                                              down(), w, corner + c0);
+          });
         }
       }
+    }
+  }
+  DCN_ISA_VARIANTS(scatter_range, (const scalar_t* grad_columns, acc_t* padded_grad, int64_t t0, int64_t t1) const,
+                   (grad_columns, padded_grad, t0, t1))
+
+  void reduce_grad_offset_mask(const scalar_t* grad_columns, acc_t* grad_offset, acc_t* grad_mask) {
+    const CpuIsa isa = loop_isa(kDotsIsa);
+    at::parallel_for(0, tile_.cols(), grain_for(g_.in_channels * g_.taps()), [&](int64_t q0, int64_t q1) {
+      DCN_ISA_CALL(isa, reduce_range, (grad_columns, grad_offset, grad_mask, q0, q1));
     });
   }
 
-  void reduce_grad_offset_mask(const scalar_t* grad_columns, acc_t* grad_offset, acc_t* grad_mask) {
+  DCN_INLINE void reduce_range_body(const scalar_t* grad_columns, acc_t* grad_offset, acc_t* grad_mask, int64_t q0,
+                                    int64_t q1) const {
     const int64_t rows = plan_rows(), row_len = g_.in_channels * g_.taps(), pixels = g_.pixels();
     const int64_t width = tile_.width();
-    at::parallel_for(0, tile_.cols(), grain_for(row_len), [&](int64_t q0, int64_t q1) {
+    {
       for (int64_t q = q0; q < q1; ++q) {
         const int64_t n = tile_.n0 + q / width, p = tile_.p0 + q % width;
         const scalar_t* x = image(padded_.const_data_ptr<scalar_t>(), q);
@@ -287,7 +364,7 @@ class CpuColumns final : public ColumnKernels {
           plan_.weights(e, w);
           if (plan_.base[e] != 0) {
             const scalar_t* corner = x + int64_t(plan_.base[e]) * g_.in_channels;
-            for_each_channel_run(row, 0, g_.in_channels, [&](int64_t c0, int64_t c1, int64_t position) {
+            for_each_channel_run(row, 0, g_.in_channels, [&](int64_t c0, int64_t c1, int64_t position) DCN_LAMBDA_INLINE {
               corner_dots<scalar_t, acc_t>(grad_columns + q * row_len + position, corner + c0, c1 - c0,
                                            g_.in_channels, down(), dots);
             });
@@ -307,8 +384,11 @@ class CpuColumns final : public ColumnKernels {
           }
         }
       }
-    });
+    }
   }
+  DCN_ISA_VARIANTS(reduce_range,
+                   (const scalar_t* grad_columns, acc_t* grad_offset, acc_t* grad_mask, int64_t q0, int64_t q1) const,
+                   (grad_columns, grad_offset, grad_mask, q0, q1))
 
   const ConvGeometry& g_;
   const int64_t pad_width_, pad_plane_;  // padded row length and plane size, in pixels
