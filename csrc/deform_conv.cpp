@@ -200,16 +200,10 @@ std::string cpu_gemm_route_op(at::ScalarType dtype) {
   return cpu_gemm_name(cpu_gemm_route(dtype, ColumnLayout::kPixelMajor));
 }
 
-std::string cpu_isa_op() { return std::string(cpu_isa_name(cpu_isa())) + "/" + cpu_isa_name(cpu_isa_supported()); }
-
 }  // namespace
 
-// Introspection for benchmarks and tests: the GEMM route a CPU call of that dtype takes now, and the
-// ISA of the sampling loops ("used/supported").
-TORCH_LIBRARY_FRAGMENT(mmdet_dcnv2, m) {
-  m.def("_cpu_gemm_route(ScalarType dtype) -> str", &cpu_gemm_route_op);
-  m.def("_cpu_isa() -> str", &cpu_isa_op);
-}
+// Introspection for benchmarks and tests: the GEMM route a CPU call of that dtype takes now.
+TORCH_LIBRARY_FRAGMENT(mmdet_dcnv2, m) { m.def("_cpu_gemm_route(ScalarType dtype) -> str", &cpu_gemm_route_op); }
 
 namespace {
 
@@ -253,11 +247,23 @@ struct ColumnMatrix {
 
 // The weight as (C_out, C_in/groups * taps) rows in the order of the columns' rows: (c, k) as stored
 // for the channel-major layout, (k, c) for the pixel-major one. (Explicit sizes: C_in may be 0.)
+// (B, R, C) -> (B, C, R), contiguous; on the CPU by blocked transposes (ATen's copy of a transposed
+// view costs ~5 ms for c5's weight, a sixth of the dense convolution).
+at::Tensor swap_inner_dims(const at::Tensor& t, int64_t b, int64_t r, int64_t c) {
+  const at::Tensor src = t.contiguous().view({b, r, c});
+  if (!src.is_cpu()) return src.transpose(1, 2).contiguous();
+  at::Tensor out = at::empty({b, c, r}, src.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "swap_inner_dims", [&] {
+    // out[bi][j][i] = src[bi][i][j]: rows i of src (stride c) become columns of out (stride r).
+    transpose_batched<false>(src.const_data_ptr<scalar_t>(), c, out.data_ptr<scalar_t>(), r, r, c, {b, r * c, r * c});
+  });
+  return out;
+}
+
 at::Tensor weight_in_column_order(const at::Tensor& weight, const ConvGeometry& g, ColumnLayout layout) {
   if (layout == ColumnLayout::kChannelMajor) return weight.view({g.out_channels, g.in_per_group() * g.taps()});
-  return weight.view({g.out_channels, g.in_per_group(), g.taps()})
-      .transpose(1, 2)
-      .reshape({g.out_channels, g.in_per_group() * g.taps()});
+  return swap_inner_dims(weight, g.out_channels, g.in_per_group(), g.taps())
+      .view({g.out_channels, g.in_per_group() * g.taps()});
 }
 
 // ---- the oneDNN route (CpuGemm::kOneDnn) ----
@@ -309,7 +315,7 @@ constexpr int64_t kOneDnnTileBytes = int64_t(24) << 20;
 at::Tensor weight_from_column_order(const at::Tensor& rows, const at::Tensor& weight, const ConvGeometry& g,
                                     ColumnLayout layout) {
   if (layout == ColumnLayout::kChannelMajor) return rows.view(weight.sizes());
-  return rows.view({g.out_channels, g.taps(), g.in_per_group()}).transpose(1, 2).contiguous().view(weight.sizes());
+  return swap_inner_dims(rows, g.out_channels, g.taps(), g.in_per_group()).view(weight.sizes());
 }
 
 }  // namespace

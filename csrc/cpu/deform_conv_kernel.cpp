@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <string>
 #include <vector>
 
 #include "../deform_conv.h"
@@ -56,8 +57,8 @@ constexpr int64_t kMinTileColumns = 512;
 // Samples a thread should have at least before another one is woken: waking threads for a tiny
 // layer costs more than the work (seen: a 10x slower gradcheck on a busy machine).
 constexpr int64_t kMinSamplesPerThread = int64_t(1) << 14;
-// Channels per task of the grad_input scatter (a multiple of the vector width).
-constexpr int64_t kChannelBlock = 32;
+// Channels per task of the grad_input scatter: at least this many (whole cache lines of float).
+constexpr int64_t kMinChannelBlock = 16;
 // Partial sums per dot product: fixed, so the reduction order (and the result) never depends on
 // the machine, and wide enough for the compiler to keep them in one vector register.
 constexpr int kLanes = 8;
@@ -310,18 +311,30 @@ class CpuColumns final : public ColumnKernels {
   // Each task owns one block of channels of one image's padded gradient: no two threads write alike,
   // and every element receives its contributions in the same order whatever the thread count.
   void scatter_grad_input(const scalar_t* grad_columns, acc_t* padded_grad) {
-    const int64_t blocks = (g_.in_channels + kChannelBlock - 1) / kChannelBlock;
+    const int64_t block = scatter_block(), blocks = (g_.in_channels + block - 1) / block;
     const CpuIsa isa = loop_isa(kScatterIsa);
-    at::parallel_for(0, tile_.count * blocks, grain_for(tile_.width() * plan_rows() * kChannelBlock),
-                     [&](int64_t t0, int64_t t1) { DCN_ISA_CALL(isa, scatter_range, (grad_columns, padded_grad, t0, t1)); });
+    at::parallel_for(0, tile_.count * blocks, grain_for(tile_.width() * plan_rows() * block), [&](int64_t t0, int64_t t1) {
+      DCN_ISA_CALL(isa, scatter_range, (grad_columns, padded_grad, block, t0, t1));
+    });
   }
 
-  DCN_INLINE void scatter_range_body(const scalar_t* grad_columns, acc_t* padded_grad, int64_t t0, int64_t t1) const {
+  // Channels per scatter task: the images' channels split over the threads, so that each thread
+  // reads the tile's column gradient in one pass (narrow blocks re-read it once per block, in short
+  // strided pieces). The split changes no result: an element receives its contributions in
+  // (column, kernel point) order whatever the blocks.
+  int64_t scatter_block() const {
+    const int64_t threads_per_image = std::max<int64_t>(1, (at::get_num_threads() + tile_.count - 1) / tile_.count);
+    const int64_t per_thread = (g_.in_channels + threads_per_image - 1) / threads_per_image;
+    return std::max(kMinChannelBlock, (per_thread + kMinChannelBlock - 1) / kMinChannelBlock * kMinChannelBlock);
+  }
+
+  DCN_INLINE void scatter_range_body(const scalar_t* grad_columns, acc_t* padded_grad, int64_t block, int64_t t0,
+                                     int64_t t1) const {
     const int64_t rows = plan_rows(), row_len = g_.in_channels * g_.taps(), width = tile_.width();
-    const int64_t blocks = (g_.in_channels + kChannelBlock - 1) / kChannelBlock;
+    const int64_t blocks = (g_.in_channels + block - 1) / block;
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t b = task / blocks, lo = (task % blocks) * kChannelBlock;
-      const int64_t hi = std::min(g_.in_channels, lo + kChannelBlock);
+      const int64_t b = task / blocks, lo = (task % blocks) * block;
+      const int64_t hi = std::min(g_.in_channels, lo + block);
       for (int64_t q = b * width; q < (b + 1) * width; ++q) {
         acc_t* gx = image(padded_grad, q);
         for (int64_t row = 0; row < rows; ++row) {
@@ -338,8 +351,9 @@ class CpuColumns final : public ColumnKernels {
       }
     }
   }
-  DCN_ISA_VARIANTS(scatter_range, (const scalar_t* grad_columns, acc_t* padded_grad, int64_t t0, int64_t t1) const,
-                   (grad_columns, padded_grad, t0, t1))
+  DCN_ISA_VARIANTS(scatter_range,
+                   (const scalar_t* grad_columns, acc_t* padded_grad, int64_t block, int64_t t0, int64_t t1) const,
+                   (grad_columns, padded_grad, block, t0, t1))
 
   void reduce_grad_offset_mask(const scalar_t* grad_columns, acc_t* grad_offset, acc_t* grad_mask) {
     const CpuIsa isa = loop_isa(kDotsIsa);
@@ -431,7 +445,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   return grads;
 }
 
+// "fill=avx2 scatter=avx2 dots=avx2 cpu=avx512": the ISA each sampling loop runs now (the CPU's,
+// capped per loop and by MMDET_DCNV2_CPU_ISA), and what the CPU supports.
+std::string cpu_isa_op() {
+  return std::string("fill=") + cpu_isa_name(loop_isa(kFillIsa)) + " scatter=" + cpu_isa_name(loop_isa(kScatterIsa)) +
+         " dots=" + cpu_isa_name(loop_isa(kDotsIsa)) + " cpu=" + cpu_isa_name(cpu_isa_supported());
+}
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mmdet_dcnv2, m) { m.def("_cpu_isa() -> str", &cpu_isa_op); }
 
 TORCH_LIBRARY_IMPL(mmdet_dcnv2, CPU, m) {
   m.impl("modulated_deform_conv2d", &forward_cpu);
