@@ -307,9 +307,10 @@ void pixel_major_to_planar(const at::Tensor& m, const ColumnTile& tile, const at
 constexpr int64_t kOneDnnBackwardDilation = 2;
 
 // Columns per tile on the oneDNN route: each call reorders the weight into oneDNN's blocked layout,
-// so tiles are larger than the sampling kernels alone would pick. Kept under glibc's largest
-// mmap threshold (32 MiB), so that the buffer is recycled between calls without fresh page faults.
-constexpr int64_t kOneDnnTileBytes = int64_t(24) << 20;
+// which a wider tile amortises, but its backward slows down past ~2000 columns (measured at c3, one
+// thread: grad of weight 34 ms at 1820 columns, 52 ms at 5461; grad of columns 28 ms vs 57 ms for
+// the whole 15200), so tiles stay near 8 MiB.
+constexpr int64_t kOneDnnTileBytes = int64_t(8) << 20;
 
 // Back from the column order to the weight's (C_out, C_in/groups, kh, kw).
 at::Tensor weight_from_column_order(const at::Tensor& rows, const at::Tensor& weight, const ConvGeometry& g,
