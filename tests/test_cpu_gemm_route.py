@@ -211,16 +211,21 @@ def test_route_bitwise_repeatable_at_fixed_thread_count(route, threads, gen):
 
 # ---- the ISA builds of the sampling loops ----
 
-def test_isa_override_caps_the_loops():
-    supported = cpu_supports()
+def loops_isa():
+    used = dict(part.split("=") for part in ISA().split())
+    return {loop: used[loop] for loop in ("fill", "scatter", "dots")}
+
+
+def test_isa_override_selects_the_build():
+    top = cpu_supports()[-1]
+    with env("MMDET_DCNV2_CPU_ISA", None):
+        default = loops_isa()
+    assert all(ISA_RANK[isa] <= ISA_RANK[top] for isa in default.values()), default
     for isa in ISAS:
         with env("MMDET_DCNV2_CPU_ISA", isa):
-            used = dict(part.split("=") for part in ISA().split())
-        for loop in ("fill", "scatter", "dots"):
-            # Never above the cap, never above what the CPU has.
-            assert ISA_RANK[used[loop]] <= min(ISA_RANK[isa], ISA_RANK[supported[-1]]), (isa, used)
-    with env("MMDET_DCNV2_CPU_ISA", "baseline"):
-        assert all(part.split("=")[1] == "baseline" for part in ISA().split() if not part.startswith("cpu="))
+            # Exactly the level asked for -- even one not selected by default -- up to what the CPU has.
+            expected = isa if ISA_RANK[isa] <= ISA_RANK[top] else top
+            assert set(loops_isa().values()) == {expected}, (isa, loops_isa())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)

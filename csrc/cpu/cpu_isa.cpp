@@ -44,6 +44,11 @@ CpuIsa cpu_isa() {
   return static_cast<int>(wanted) < static_cast<int>(supported) ? wanted : supported;
 }
 
+bool cpu_isa_overridden() {
+  const char* env = std::getenv("MMDET_DCNV2_CPU_ISA");
+  return env != nullptr && *env != '\0';
+}
+
 const char* cpu_isa_name(CpuIsa isa) {
   switch (isa) {
     case CpuIsa::kAvx512:

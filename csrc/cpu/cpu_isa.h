@@ -12,10 +12,14 @@ enum class CpuIsa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 // The highest level this CPU supports (kBaseline off x86-64).
 CpuIsa cpu_isa_supported();
 
-// The level the loops use: the supported one, capped by MMDET_DCNV2_CPU_ISA (baseline, avx2,
-// avx512) where set -- for testing the other paths on one machine. Read on every call (cheap), so a
-// test can change it; an unknown value raises.
+// The level MMDET_DCNV2_CPU_ISA (baseline, avx2, avx512) asks for, capped by what the CPU supports;
+// the supported level where unset. Read on every call (cheap), so a test can change it; an unknown
+// value raises.
 CpuIsa cpu_isa();
+
+// Whether MMDET_DCNV2_CPU_ISA is set: then every loop runs the level cpu_isa() names, even one not
+// selected by default -- for testing and measuring each build on one machine.
+bool cpu_isa_overridden();
 
 const char* cpu_isa_name(CpuIsa isa);
 

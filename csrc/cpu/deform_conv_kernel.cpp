@@ -72,8 +72,11 @@ constexpr CpuIsa kFillIsa = CpuIsa::kAvx2;
 constexpr CpuIsa kScatterIsa = CpuIsa::kAvx2;
 constexpr CpuIsa kDotsIsa = CpuIsa::kAvx2;
 
+// The level a loop runs: MMDET_DCNV2_CPU_ISA's where set (any build, for tests and measurements),
+// else the CPU's, up to the widest level kept for that loop.
 inline CpuIsa loop_isa(CpuIsa widest_kept) {
   const CpuIsa isa = cpu_isa();
+  if (cpu_isa_overridden()) return isa;
   return static_cast<int>(isa) < static_cast<int>(widest_kept) ? isa : widest_kept;
 }
 
@@ -485,8 +488,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   return grads;
 }
 
-// "fill=avx2 scatter=avx2 dots=avx2 cpu=avx512": the ISA each sampling loop runs now (the CPU's,
-// capped per loop and by MMDET_DCNV2_CPU_ISA), and what the CPU supports.
+// "fill=avx2 scatter=avx2 dots=avx2 cpu=avx512": the ISA each sampling loop runs now (see
+// loop_isa), and the widest the CPU supports.
 std::string cpu_isa_op() {
   return std::string("fill=") + cpu_isa_name(loop_isa(kFillIsa)) + " scatter=" + cpu_isa_name(loop_isa(kScatterIsa)) +
          " dots=" + cpu_isa_name(loop_isa(kDotsIsa)) + " cpu=" + cpu_isa_name(cpu_isa_supported());
