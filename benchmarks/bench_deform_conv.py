@@ -1,7 +1,8 @@
 """Modulated deformable convolution: our op vs dense conv2d and torchvision, side by side, with floors.
 
-Every row times all contenders on the same inputs in one process, interleaved, and prints ratios to
-the dense convolution of the same shape (this machine is noisy; ratios measured together are not).
+Every row times all contenders on the same inputs in one process, taking turns run by run (timing.py),
+and prints ratios to the dense convolution of the same shape, each the fastest of --repeat runs (a
+shared machine is noisy; ratios measured together are much less so).
 Shapes are ResNet-50 3x3 layers at an 800x1216 image: c3 (128 ch, 100x152), c4 (256, 50x76),
 c5 (512, 25x38).
 
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from machine import describe  # benchmarks/machine.py
-from timing import timed  # benchmarks/timing.py (the script's folder is on sys.path)
+from timing import timed_interleaved  # benchmarks/timing.py (the script's folder is on sys.path)
 
 from mmdet_dcnv2.ops import modulated_deform_conv2d
 
@@ -121,18 +122,22 @@ def bench_row(name, batch, deform_groups, dtype, device, repeat, funcs, floors):
                         y.sum().backward()
             return step
 
-        dense = timed(run(lambda: F.conv2d(x, w, padding=1)), sync, repeat)
-        results[(mode, "dense ms")] = dense * 1e3
+        steps = {"dense": run(lambda: F.conv2d(x, w, padding=1))}
         for label, op in funcs.items():
+            step = run(lambda op=op: op(x, off, mask, w, None, 1, 1, 1, 1, deform_groups))
             try:
-                t = timed(run(lambda: op(x, off, mask, w, None, 1, 1, 1, 1, deform_groups)), sync, repeat)
+                step()
             except RuntimeError:  # e.g. torchvision has no CPU bfloat16 kernel
                 continue
-            results[(mode, label)] = t / dense
+            steps[label] = step
         if floors:
-            with torch.no_grad():
-                for label, step in floor_steps(x, w, grad).items():
-                    results[(mode, label)] = timed(step, sync, repeat) / dense
+            for label, step in floor_steps(x, w, grad).items():
+                steps[label] = torch.no_grad()(step)
+        times = timed_interleaved(steps, sync, repeat)
+        results[(mode, "dense ms")] = times["dense"] * 1e3
+        for label, t in times.items():
+            if label != "dense":
+                results[(mode, label)] = t / times["dense"]
     return results
 
 

@@ -238,7 +238,14 @@ class CpuColumns final : public ColumnKernels {
         fold_mask_(fold_mask) {
     TORCH_CHECK_VALUE(pad_plane_ < (int64_t(1) << 31), "input planes of more than 2^31 elements (", g.height, " x ",
                       g.width, ") are not supported on CPU");
-    padded_ = at::zeros({g.batch, g.height + 3, g.width + 2, g.in_channels}, input.options());
+    // Only the border is zeroed; the transpose below writes the interior (zeroing it too was a pass
+    // over the whole buffer for nothing).
+    padded_ = at::empty({g.batch, g.height + 3, g.width + 2, g.in_channels}, input.options());
+    padded_.narrow(1, 0, kPadTop).zero_();
+    padded_.narrow(1, kPadTop + g.height, 3 - kPadTop).zero_();
+    at::Tensor rows = padded_.narrow(1, kPadTop, g.height);
+    rows.narrow(2, 0, kPadLeft).zero_();
+    rows.narrow(2, kPadLeft + g.width, 2 - kPadLeft).zero_();
     // padded[n, y + kPadTop, x + kPadLeft, c] = input[n, c, y, x], one (C, W) transpose per image row.
     const int64_t c = g.in_channels, plane = g.plane();
     transpose_batched<false>(input.const_data_ptr<scalar_t>(), plane,
