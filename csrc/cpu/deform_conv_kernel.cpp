@@ -21,6 +21,7 @@
 
 #include <array>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../deform_conv.h"
@@ -64,12 +65,14 @@ constexpr int64_t kMinChannelBlock = 16;
 constexpr int kLanes = 8;
 
 // The widest ISA each loop runs where the CPU has it: a level is kept only where it beat the one
-// below (docs/performance.md). AVX2 + FMA beat the baseline in all three (c3, one thread: fill 26 vs
-// 37 ms, dot products 41-45 vs 64 ms); the AVX-512 builds measured no faster than AVX2 (within
-// +-10%, either way, at c3-c5 on a Sapphire Rapids Xeon -- the loops wait on memory, not on
-// arithmetic), so they are compiled and testable (MMDET_DCNV2_CPU_ISA) but not selected.
-constexpr CpuIsa kFillIsa = CpuIsa::kAvx2;
-constexpr CpuIsa kScatterIsa = CpuIsa::kAvx2;
+// below (benchmarks/bench_cpu_isa.py, docs/performance.md; one thread, Sapphire Rapids Xeon). AVX2 +
+// FMA beats the baseline in all three loops (c3 float32: dot products 16 vs 26 ms, fill 12.5 vs
+// 16.5, scatter 20 vs 23). AVX-512 beats AVX2 in the scatter (float32 5-9% at c3-c5, bfloat16 12%)
+// and in the bfloat16 fill (26%: the conversions), and measured no faster elsewhere (the loops wait
+// on memory), so there it is compiled and testable (MMDET_DCNV2_CPU_ISA) but not selected.
+template <typename scalar_t>
+constexpr CpuIsa kFillIsa = std::is_same_v<scalar_t, c10::BFloat16> ? CpuIsa::kAvx512 : CpuIsa::kAvx2;
+constexpr CpuIsa kScatterIsa = CpuIsa::kAvx512;
 constexpr CpuIsa kDotsIsa = CpuIsa::kAvx2;
 
 // The level a loop runs: MMDET_DCNV2_CPU_ISA's where set (any build, for tests and measurements),
@@ -276,7 +279,7 @@ class CpuColumns final : public ColumnKernels {
   // columns[q * C_in * taps + position of (channel, kernel point)] = modulated sample (kPixelMajor).
   void fill_columns(const at::Tensor& columns) override {
     scalar_t* out = columns.data_ptr<scalar_t>();
-    const CpuIsa isa = loop_isa(kFillIsa);
+    const CpuIsa isa = loop_isa(kFillIsa<scalar_t>);
     at::parallel_for(0, tile_.cols(), grain_for(g_.in_channels * g_.taps()), [&](int64_t q0, int64_t q1) {
       DCN_ISA_CALL(isa, fill_range, (out, q0, q1));
     });
@@ -495,11 +498,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   return grads;
 }
 
-// "fill=avx2 scatter=avx2 dots=avx2 cpu=avx512": the ISA each sampling loop runs now (see
-// loop_isa), and the widest the CPU supports.
+// "fill=avx2 fill_bf16=avx512 scatter=avx512 dots=avx2 cpu=avx512": the ISA each sampling loop runs
+// now (see loop_isa), and the widest the CPU supports.
 std::string cpu_isa_op() {
-  return std::string("fill=") + cpu_isa_name(loop_isa(kFillIsa)) + " scatter=" + cpu_isa_name(loop_isa(kScatterIsa)) +
-         " dots=" + cpu_isa_name(loop_isa(kDotsIsa)) + " cpu=" + cpu_isa_name(cpu_isa_supported());
+  return std::string("fill=") + cpu_isa_name(loop_isa(kFillIsa<float>)) +
+         " fill_bf16=" + cpu_isa_name(loop_isa(kFillIsa<c10::BFloat16>)) +
+         " scatter=" + cpu_isa_name(loop_isa(kScatterIsa)) + " dots=" + cpu_isa_name(loop_isa(kDotsIsa)) +
+         " cpu=" + cpu_isa_name(cpu_isa_supported());
 }
 
 }  // namespace
