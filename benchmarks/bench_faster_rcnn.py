@@ -160,6 +160,9 @@ def main():
     base_name = next(iter(variants))
     base = results[base_name]
     threads = args.threads or "torch's default"
+    from machine import describe  # benchmarks/machine.py (the script's folder is on sys.path)
+
+    print("\n".join(describe(args.threads or None)))
     print(f"Faster R-CNN R50-FPN, one {args.size[0]}x{args.size[1]} image, CPU, threads: {threads}")
     print(
         f"| variant | deformable layers from | inference s | vs {base_name} | train step s | vs {base_name} "

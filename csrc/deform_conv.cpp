@@ -3,13 +3,20 @@
 #include "deform_conv.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Config.h>
 #include <ATen/OpMathType.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <vector>
 
 #include "arg_checks.h"
+#include "cpu/cpu_isa.h"
+#include "cpu/transpose.h"
 
 namespace mmdet_dcnv2 {
 
@@ -137,6 +144,68 @@ namespace mmdet_dcnv2 {
 
 namespace {
 
+// Whether MKL_ENABLE_INSTRUCTIONS holds MKL below the vector width this CPU has (MKL reads it once,
+// at its first call; so do we, as the rule must not change within a process).
+bool mkl_capped_below_cpu() {
+  static const bool capped = [] {
+    const char* env = std::getenv("MKL_ENABLE_INSTRUCTIONS");
+    if (env == nullptr || *env == '\0') return false;
+    const std::string v = env;
+    const bool allows_avx512 = v.rfind("AVX512", 0) == 0 || v.rfind("AVX10", 0) == 0;
+    const bool allows_avx2 = allows_avx512 || v.rfind("AVX2", 0) == 0;
+    switch (cpu_isa_supported()) {
+      case CpuIsa::kAvx512:
+        return !allows_avx512;
+      case CpuIsa::kAvx2:
+        return !allows_avx2;
+      default:
+        return false;
+    }
+  }();
+  return capped;
+}
+
+}  // namespace
+
+CpuGemm cpu_gemm_route(at::ScalarType dtype, ColumnLayout layout) {
+  const char* env = std::getenv("MMDET_DCNV2_CPU_GEMM");
+  const std::string choice = env == nullptr || *env == '\0' ? "auto" : env;
+  TORCH_CHECK_VALUE(choice == "auto" || choice == "mm" || choice == "onednn",
+                    "MMDET_DCNV2_CPU_GEMM must be auto, mm or onednn, got '", choice, "'");
+  // Where oneDNN can run the GEMMs at all: torch built with it and not switched off
+  // (torch.backends.mkldnn.enabled), pixel-major columns, and a dtype it computes in full: float32,
+  // and bfloat16 where the CPU has the AVX-512 subsets ATen's oneDNN bfloat16 path requires.
+  // float64 and float16 stay on at::mm.
+  bool possible = AT_MKLDNN_ENABLED() && at::globalContext().userEnabledMkldnn() &&
+                  layout == ColumnLayout::kPixelMajor &&
+                  (dtype == at::kFloat || (dtype == at::kBFloat16 && cpu_isa_supported() == CpuIsa::kAvx512));
+  if (!possible || choice == "mm") return CpuGemm::kMm;
+  if (choice == "onednn") return CpuGemm::kOneDnn;
+  // bfloat16: at::mm itself runs on oneDNN's matmul, which takes the transposed operands without the
+  // copies and weight reorders of the 1x1 convolutions.
+  if (dtype == at::kBFloat16) return CpuGemm::kMm;
+  // float32: at::mm is MKL's sgemm, which runs full-width kernels only on Intel CPUs and only where
+  // MKL_ENABLE_INSTRUCTIONS does not cap it below what the CPU has. There it matches oneDNN without
+  // the route's transposes; elsewhere (AMD: an AVX2 path even on AVX-512 parts) oneDNN is faster.
+  return cpu_is_intel() && !mkl_capped_below_cpu() ? CpuGemm::kMm : CpuGemm::kOneDnn;
+}
+
+const char* cpu_gemm_name(CpuGemm route) { return route == CpuGemm::kOneDnn ? "onednn" : "mm"; }
+
+namespace {
+
+std::string cpu_gemm_route_op(at::ScalarType dtype) {
+  // The CPU backend's layout (the only one the oneDNN route applies to).
+  return cpu_gemm_name(cpu_gemm_route(dtype, ColumnLayout::kPixelMajor));
+}
+
+}  // namespace
+
+// Introspection for benchmarks and tests: the GEMM route a CPU call of that dtype takes now.
+TORCH_LIBRARY_FRAGMENT(mmdet_dcnv2, m) { m.def("_cpu_gemm_route(ScalarType dtype) -> str", &cpu_gemm_route_op); }
+
+namespace {
+
 // The (C, tile.cols()) matrix of a tile of a contiguous (N, C, H, W) tensor: a strided view within
 // one image, a transposed copy across several.
 at::Tensor tile_matrix(const at::Tensor& t, const ColumnTile& tile) {
@@ -177,18 +246,76 @@ struct ColumnMatrix {
 
 // The weight as (C_out, C_in/groups * taps) rows in the order of the columns' rows: (c, k) as stored
 // for the channel-major layout, (k, c) for the pixel-major one. (Explicit sizes: C_in may be 0.)
+// (B, R, C) -> (B, C, R), contiguous; on the CPU by blocked transposes (ATen's copy of a transposed
+// view costs ~5 ms for c5's weight, a sixth of the dense convolution).
+at::Tensor swap_inner_dims(const at::Tensor& t, int64_t b, int64_t r, int64_t c) {
+  const at::Tensor src = t.contiguous().view({b, r, c});
+  if (!src.is_cpu()) return src.transpose(1, 2).contiguous();
+  at::Tensor out = at::empty({b, c, r}, src.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "swap_inner_dims", [&] {
+    // out[bi][j][i] = src[bi][i][j]: rows i of src (stride c) become columns of out (stride r).
+    transpose_batched<false>(src.const_data_ptr<scalar_t>(), c, out.data_ptr<scalar_t>(), r, r, c, {b, r * c, r * c});
+  });
+  return out;
+}
+
 at::Tensor weight_in_column_order(const at::Tensor& weight, const ConvGeometry& g, ColumnLayout layout) {
   if (layout == ColumnLayout::kChannelMajor) return weight.view({g.out_channels, g.in_per_group() * g.taps()});
-  return weight.view({g.out_channels, g.in_per_group(), g.taps()})
-      .transpose(1, 2)
-      .reshape({g.out_channels, g.in_per_group() * g.taps()});
+  return swap_inner_dims(weight, g.out_channels, g.in_per_group(), g.taps())
+      .view({g.out_channels, g.in_per_group() * g.taps()});
 }
+
+// ---- the oneDNN route (CpuGemm::kOneDnn) ----
+// A pixel-major (cols, K) matrix is a channels-last (1, K, 1, cols) image, and the weight in column
+// order (C_out, K / groups) a channels-last 1x1 kernel: oneDNN takes both as they are (the explicit
+// strides matter: for a 1x1 kernel torch would otherwise call the contiguous weight NCHW and reorder
+// the columns). A conv group's columns are a contiguous block of K / groups, as grouped conv wants.
+at::Tensor as_nhwc_image(const at::Tensor& m) {
+  const int64_t cols = m.size(0), k = m.size(1);
+  return m.as_strided({1, k, 1, cols}, {cols * k, 1, cols * k, k});
+}
+
+at::Tensor as_1x1_kernel(const at::Tensor& rows) {
+  const int64_t k = rows.size(1);
+  return rows.as_strided({rows.size(0), k, 1, 1}, {k, 1, k, k});
+}
+
+// Between a tile's block of a contiguous (N, C, H, W) tensor and a contiguous pixel-major
+// (tile.cols(), C) matrix, with the blocked transposes of cpu/transpose.h (ATen's copy_ of a
+// transposed view costs several times more).
+void planar_to_pixel_major(const at::Tensor& t, const ColumnTile& tile, const at::Tensor& m) {
+  const int64_t c = t.size(1), pixels = t.size(2) * t.size(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "planar_to_pixel_major", [&] {
+    transpose_batched<false>(t.const_data_ptr<scalar_t>() + tile.n0 * c * pixels + tile.p0, pixels,
+                             m.data_ptr<scalar_t>(), c, c, tile.width(), {tile.count, c * pixels, tile.width() * c});
+  });
+}
+
+void pixel_major_to_planar(const at::Tensor& m, const ColumnTile& tile, const at::Tensor& t) {
+  const int64_t c = t.size(1), pixels = t.size(2) * t.size(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "pixel_major_to_planar", [&] {
+    transpose_batched<false>(m.const_data_ptr<scalar_t>(), c, t.data_ptr<scalar_t>() + tile.n0 * c * pixels + tile.p0,
+                             pixels, tile.width(), c, {tile.count, tile.width() * c, c * pixels});
+  });
+}
+
+// ATen picks the convolution backend by a heuristic that sends a single-threaded 1x1 convolution of
+// one image to its im2col + BLAS fallback (Slow2d) -- the MKL path this route exists to avoid. A 1x1
+// kernel samples the same pixels at any dilation, and a dilated convolution always goes to oneDNN,
+// so the backward asks for dilation 2: same arithmetic, oneDNN's kernels, a fixed choice.
+constexpr int64_t kOneDnnBackwardDilation = 2;
+
+// Columns per tile on the oneDNN route: each call reorders the weight into oneDNN's blocked layout,
+// which a wider tile amortises, but its backward slows down past ~2000 columns (measured at c3, one
+// thread: grad of weight 34 ms at 1820 columns, 52 ms at 5461; grad of columns 28 ms vs 57 ms for
+// the whole 15200), so tiles stay near 8 MiB.
+constexpr int64_t kOneDnnTileBytes = int64_t(8) << 20;
 
 // Back from the column order to the weight's (C_out, C_in/groups, kh, kw).
 at::Tensor weight_from_column_order(const at::Tensor& rows, const at::Tensor& weight, const ConvGeometry& g,
                                     ColumnLayout layout) {
   if (layout == ColumnLayout::kChannelMajor) return rows.view(weight.sizes());
-  return rows.view({g.out_channels, g.taps(), g.in_per_group()}).transpose(1, 2).contiguous().view(weight.sizes());
+  return swap_inner_dims(rows, g.out_channels, g.taps(), g.in_per_group()).view(weight.sizes());
 }
 
 }  // namespace
@@ -202,17 +329,28 @@ at::Tensor deform_conv_forward(const ConvOperands& op, ColumnKernels& kernels) {
   if (g.in_channels == 0) {  // an empty sum: the bias alone
     return bias.has_value() ? output.copy_(bias->view({1, -1, 1, 1}).expand_as(output)) : output.zero_();
   }
-  const auto tiles = column_tiles(g, input.element_size(), kernels.preferred_tile_bytes());
-  const int64_t max_cols = tiles.front().cols(), rows = g.in_channels * g.taps();
   const ColumnLayout layout = kernels.layout();
+  const bool onednn = input.is_cpu() && cpu_gemm_route(input.scalar_type(), layout) == CpuGemm::kOneDnn;
+  const int64_t tile_bytes =
+      onednn ? std::max(kernels.preferred_tile_bytes(), kOneDnnTileBytes) : kernels.preferred_tile_bytes();
+  const auto tiles = column_tiles(g, input.element_size(), tile_bytes);
+  const int64_t max_cols = tiles.front().cols(), rows = g.in_channels * g.taps();
   const at::Tensor weight_rows = weight_in_column_order(weight, g, layout);
   at::Tensor columns = at::empty({rows * max_cols}, input.options());
-  at::Tensor out_buf = tiles.front().count > 1 ? at::empty({g.out_channels * max_cols}, input.options()) : at::Tensor();
+  at::Tensor out_buf =
+      !onednn && tiles.front().count > 1 ? at::empty({g.out_channels * max_cols}, input.options()) : at::Tensor();
 
   for (const ColumnTile& tile : tiles) {
     const ColumnMatrix cols = ColumnMatrix::in(columns, rows, tile.cols(), layout, g.groups);
     kernels.begin_tile(tile);
     kernels.fill_columns(cols.flat);
+    if (onednn) {
+      // (1, C_out, 1, cols) channels-last: pixel-major rows of the output, transposed into place.
+      const at::Tensor out = at::mkldnn_convolution(as_nhwc_image(cols.flat), as_1x1_kernel(weight_rows), bias, {0, 0},
+                                                    {1, 1}, {1, 1}, g.groups);
+      pixel_major_to_planar(out.permute({0, 2, 3, 1}).contiguous(), tile, output);
+      continue;
+    }
     // Within one image the GEMM writes straight into the output; across images it goes through a
     // buffer and a transpose.
     at::Tensor out = tile.count == 1 ? tile_matrix(output, tile) : matrix_in(out_buf, g.out_channels, tile.cols());
@@ -253,22 +391,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   at::Tensor grad_weight_rows = need_weight ? at::zeros(weight_rows.sizes(), acc_opts) : at::Tensor();
 
   if (g.batch > 0 && g.out_channels > 0 && g.in_channels > 0 && (need_input || need_offset || need_weight)) {
-    const auto tiles = column_tiles(g, input.element_size(), kernels.preferred_tile_bytes());
+    const bool onednn = input.is_cpu() && cpu_gemm_route(input.scalar_type(), layout) == CpuGemm::kOneDnn;
+    const int64_t tile_bytes =
+        onednn ? std::max(kernels.preferred_tile_bytes(), kOneDnnTileBytes) : kernels.preferred_tile_bytes();
+    const auto tiles = column_tiles(g, input.element_size(), tile_bytes);
     const int64_t max_cols = tiles.front().cols(), rows = g.in_channels * g.taps();
-    at::Tensor columns = need_weight ? at::empty({rows * max_cols}, opts) : at::Tensor();
-    at::Tensor grad_columns = need_input || need_offset ? at::empty({rows * max_cols}, opts) : at::Tensor();
-    for (const ColumnTile& tile : tiles) {
+    const bool need_columns = need_input || need_offset;
+    // The oneDNN route gets grad of columns from ATen (no out= variant), but needs a column-shaped
+    // input even when only the grad of columns is asked for (oneDNN reads only its shape then).
+    at::Tensor columns = need_weight || (onednn && need_columns) ? at::empty({rows * max_cols}, opts) : at::Tensor();
+    at::Tensor grad_columns = need_columns && !onednn ? at::empty({rows * max_cols}, opts) : at::Tensor();
+    at::Tensor gout_buf = onednn ? at::empty({g.out_channels * max_cols}, opts) : at::Tensor();
+    const at::Tensor kernel = onednn ? as_1x1_kernel(weight_rows) : at::Tensor();
+
+    auto onednn_tile = [&](const ColumnTile& tile) {
+      const ColumnMatrix cols = ColumnMatrix::in(columns, rows, tile.cols(), layout, g.groups);
+      if (need_weight) kernels.fill_columns(cols.flat);
+      // grad_output's pixels of the tile, pixel-major: the channels-last grad of the 1x1 output.
+      const at::Tensor gout = matrix_in(gout_buf, tile.cols(), g.out_channels);
+      planar_to_pixel_major(grad_output, tile, gout);
+      const int64_t dil = kOneDnnBackwardDilation;
+      const auto grads_1x1 =
+          at::convolution_backward(as_nhwc_image(gout), as_nhwc_image(cols.flat), kernel, std::nullopt, {1, 1}, {0, 0},
+                                   {dil, dil}, false, {0, 0}, g.groups, {need_columns, need_weight, false});
+      if (need_weight) grad_weight_rows.add_(std::get<1>(grads_1x1).view(grad_weight_rows.sizes()));
+      if (need_columns) {
+        // (1, K, 1, cols) channels-last: the pixel-major (cols, K) grad of columns, as a view.
+        kernels.backprop_columns(std::get<0>(grads_1x1).permute({0, 2, 3, 1}).reshape({tile.cols(), rows}), grads);
+      }
+    };
+
+    auto mm_tile = [&](const ColumnTile& tile) {
       const at::Tensor gout = tile_matrix(grad_output, tile);  // (C_out, tile.cols())
-      kernels.begin_tile(tile);
       if (need_weight) {
         const ColumnMatrix cols = ColumnMatrix::in(columns, rows, tile.cols(), layout, g.groups);
         kernels.fill_columns(cols.flat);
         for (int64_t grp = 0; grp < g.groups; ++grp) {
-          group_rows(grad_weight_rows, grp, g.out_per_group())
-              .add_(at::mm(group_rows(gout, grp, g.out_per_group()), cols.group(grp).t()));
+          at::Tensor acc = group_rows(grad_weight_rows, grp, g.out_per_group());
+          const at::Tensor a = group_rows(gout, grp, g.out_per_group()), b = cols.group(grp).t();
+          // In place (beta = 1) where the accumulator has the operands' dtype: no product temporary.
+          if (acc.scalar_type() == a.scalar_type()) {
+            acc.addmm_(a, b);
+          } else {
+            acc.add_(at::mm(a, b));
+          }
         }
       }
-      if (need_input || need_offset) {
+      if (need_columns) {
         const ColumnMatrix gcols = ColumnMatrix::in(grad_columns, rows, tile.cols(), layout, g.groups);
         for (int64_t grp = 0; grp < g.groups; ++grp) {
           at::Tensor gcols_g = gcols.group(grp);
@@ -276,6 +445,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
                      group_rows(gout, grp, g.out_per_group()));
         }
         kernels.backprop_columns(gcols.flat, grads);
+      }
+    };
+
+    for (const ColumnTile& tile : tiles) {
+      kernels.begin_tile(tile);
+      if (onednn) {
+        onednn_tile(tile);
+      } else {
+        mm_tile(tile);
       }
     }
     kernels.finish_backward(grads);

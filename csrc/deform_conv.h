@@ -117,6 +117,18 @@ class ColumnKernels {
   virtual void finish_backward(ConvGrads& grads) {}
 };
 
+// How the driver runs the GEMMs of a CPU call (output, grad of columns, grad of weight):
+//   kMm:     at::mm/addmm (BLAS: MKL in torch's x86 builds);
+//   kOneDnn: oneDNN 1x1 convolutions (forward, backward data and weights) over the pixel-major column
+//            buffer viewed as a channels-last image -- oneDNN runs its widest kernels on any x86 CPU,
+//            where MKL takes a generic AVX2 path on non-Intel ones.
+// Chosen by a fixed rule on the CPU, dtype and layout (never by timing, which would make results
+// differ run to run), overridden by MMDET_DCNV2_CPU_GEMM=mm|onednn (auto: the rule). CUDA always
+// uses cuBLAS; float64, and a backend with channel-major columns, always use kMm.
+enum class CpuGemm { kMm, kOneDnn };
+CpuGemm cpu_gemm_route(at::ScalarType dtype, ColumnLayout layout);
+const char* cpu_gemm_name(CpuGemm route);
+
 // The device-independent part: tiling the batch under the column budget and the GEMMs with the
 // weight.
 at::Tensor deform_conv_forward(const ConvOperands& op, ColumnKernels& kernels);

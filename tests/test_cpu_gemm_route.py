@@ -1,0 +1,248 @@
+"""The CPU GEMM routes (at::mm vs oneDNN 1x1 convolutions, MMDET_DCNV2_CPU_GEMM) and the ISA builds of
+the sampling loops (MMDET_DCNV2_CPU_ISA): every path gives the reference's results, each is bitwise
+repeatable at a fixed thread count, and the overrides do what they say.
+
+Shapes are small but above ATen's size threshold for oneDNN (K * pixels > 20480 elements of columns),
+so the oneDNN route's backward really runs on oneDNN here.
+"""
+
+import contextlib
+import os
+
+import pytest
+import torch
+
+import mmdet_dcnv2.ops as ops
+from mmdet_dcnv2.ops import modulated_deform_conv2d
+from reference import modulated_deform_conv2d_ref
+
+ROUTE = torch.ops.mmdet_dcnv2._cpu_gemm_route
+ISA = torch.ops.mmdet_dcnv2._cpu_isa
+NAMES = ("output", "input", "offset", "mask", "weight", "bias")
+ISAS = ("baseline", "avx2", "avx512")
+ISA_RANK = {name: i for i, name in enumerate(ISAS)}
+
+
+@contextlib.contextmanager
+def env(name, value):
+    """Sets (or with None unsets) an environment variable for the block; our C++ reads it per call."""
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def onednn_possible(dtype):
+    with env("MMDET_DCNV2_CPU_GEMM", "onednn"):
+        return ROUTE(dtype) == "onednn"
+
+
+def cpu_supports():
+    """The ISA levels this CPU has, from what the op reports ('... cpu=avx512')."""
+    top = ISA().split("cpu=")[1]
+    return [isa for isa in ISAS if ISA_RANK[isa] <= ISA_RANK[top]]
+
+
+def make_case(gen, dtype=torch.float32, n=2, c=16, size=12, groups=1, deform_groups=1, bias=True):
+    """Inputs with offsets of a few pixels (samples overlap and reach past the border)."""
+    x = torch.randn(n, c, size, size, generator=gen)
+    offset = 3 * torch.randn(n, 2 * deform_groups * 9, size, size, generator=gen)
+    mask = torch.rand(n, deform_groups * 9, size, size, generator=gen)
+    weight = 0.1 * torch.randn(c, c // groups, 3, 3, generator=gen)
+    b = torch.randn(c, generator=gen) if bias else None
+    grad = torch.randn(n, c, size, size, generator=gen)
+    tensors = [t.to(dtype) if t is not None else None for t in (x, offset, mask, weight, b)]
+    return tensors, grad.to(dtype), dict(groups=groups, deform_groups=deform_groups)
+
+
+def run(fn, tensors, grad, params):
+    """Output and the gradients of every input (None where there is no such input)."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+    x, offset, mask, weight, bias = leaves
+    out = fn(x, offset, mask, weight, bias, 1, 1, 1, params["groups"], params["deform_groups"])
+    out.backward(grad)
+    return [out.detach()] + [t.grad if t is not None else None for t in leaves]
+
+
+def ours(tensors, grad, params):
+    return run(modulated_deform_conv2d, tensors, grad, params)
+
+
+def reference(tensors, grad, params):
+    return run(
+        modulated_deform_conv2d_ref, [t.double() if t is not None else None for t in tensors], grad.double(), params
+    )
+
+
+def assert_close(got, want, rtol, atol, what=""):
+    for name, g, w in zip(NAMES, got, want):
+        if w is None:
+            assert g is None, name
+            continue
+        torch.testing.assert_close(g.double(), w.double(), rtol=rtol, atol=atol, msg=lambda m: f"{what} {name}: {m}")
+
+
+def assert_equal(got, want, what=""):
+    for name, g, w in zip(NAMES, got, want):
+        assert (g is None and w is None) or torch.equal(g, w), f"{what} {name} differs bitwise"
+
+
+# ---- the route rule and its override ----
+
+
+def test_route_override_and_rule():
+    with env("MMDET_DCNV2_CPU_GEMM", "mm"):
+        assert ROUTE(torch.float32) == "mm"
+    with env("MMDET_DCNV2_CPU_GEMM", None):
+        assert ROUTE(torch.float32) in ("mm", "onednn")
+        assert ROUTE(torch.float64) == "mm"  # float64 never leaves at::mm
+        assert ROUTE(torch.float16) == "mm"
+    if torch.backends.mkldnn.is_available():
+        with env("MMDET_DCNV2_CPU_GEMM", "onednn"):
+            assert ROUTE(torch.float32) == "onednn"
+            assert ROUTE(torch.float64) == "mm"
+            with torch.backends.mkldnn.flags(enabled=False):  # the user switched oneDNN off
+                assert ROUTE(torch.float32) == "mm"
+
+
+def test_bad_override_is_refused_by_name(gen):
+    with env("MMDET_DCNV2_CPU_GEMM", "blas"), pytest.raises(ValueError, match="MMDET_DCNV2_CPU_GEMM"):
+        ROUTE(torch.float32)
+    tensors, _, params = make_case(gen, n=1, c=4, size=5)
+    with env("MMDET_DCNV2_CPU_ISA", "sse9"), pytest.raises(ValueError, match="MMDET_DCNV2_CPU_ISA"):
+        modulated_deform_conv2d(*tensors, 1, 1, 1, 1, 1)
+
+
+def test_onednn_backward_is_not_sent_to_the_blas_fallback():
+    """The driver asks for dilation 2 on the 1x1 backward so that ATen picks oneDNN even for one image
+    on one thread (its heuristic sends that case to im2col + BLAS); if a torch release changes the
+    heuristic, this says so."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch without oneDNN")
+    k, pixels, cout = 16 * 9, 144, 16
+    cols = torch.randn(pixels, k).as_strided((1, k, 1, pixels), (pixels * k, 1, pixels * k, k))
+    kernel = torch.randn(cout, k).as_strided((cout, k, 1, 1), (k, 1, k, k))
+    with num_threads(1):
+        backend = torch._C._select_conv_backend(cols, kernel, None, [1, 1], [0, 0], [2, 2], False, [0, 0], 1, None)
+    assert backend == torch._C._ConvBackend.Mkldnn
+
+
+# ---- results ----
+
+CASES = [
+    pytest.param(dict(), id="plain"),
+    pytest.param(dict(groups=2, deform_groups=2), id="groups2_dg2"),
+    pytest.param(dict(bias=False, n=3, size=14), id="nobias_batch3"),
+]
+
+
+@pytest.mark.parametrize("kwargs", CASES)
+def test_onednn_route_matches_mm_route_and_reference(kwargs, gen):
+    if not onednn_possible(torch.float32):
+        pytest.skip("the oneDNN route is not available here")
+    tensors, grad, params = make_case(gen, **kwargs)
+    with env("MMDET_DCNV2_CPU_GEMM", "mm"):
+        via_mm = ours(tensors, grad, params)
+    with env("MMDET_DCNV2_CPU_GEMM", "onednn"):
+        via_onednn = ours(tensors, grad, params)
+    assert_close(via_onednn, via_mm, rtol=1e-4, atol=1e-4, what="onednn vs mm")
+    assert_close(via_onednn, reference(tensors, grad, params), rtol=1e-4, atol=1e-4, what="onednn vs reference")
+
+
+@pytest.fixture
+def column_budget():
+    previous = ops.set_column_budget(1 << 30)
+    yield
+    ops.set_column_budget(previous)
+
+
+@pytest.mark.parametrize("route", ["mm", "onednn"])
+def test_routes_under_a_small_column_budget(route, column_budget, gen):
+    """Tiles of part of an image (the budget below one image's columns) on either route."""
+    if route == "onednn" and not onednn_possible(torch.float32):
+        pytest.skip("the oneDNN route is not available here")
+    tensors, grad, params = make_case(gen, n=2, c=16, size=12)
+    ops.set_column_budget(16 * 9 * 4 * 50)  # 50 columns of float32: 3 tiles per image
+    with env("MMDET_DCNV2_CPU_GEMM", route):
+        tiled = ours(tensors, grad, params)
+    assert_close(tiled, reference(tensors, grad, params), rtol=1e-4, atol=1e-4, what=f"{route}, tiled")
+
+
+def test_onednn_route_bfloat16(gen):
+    if not onednn_possible(torch.bfloat16):
+        pytest.skip("no oneDNN bfloat16 route on this CPU")
+    tensors, grad, params = make_case(gen, dtype=torch.bfloat16)
+    with env("MMDET_DCNV2_CPU_GEMM", "mm"):
+        via_mm = ours(tensors, grad, params)
+    with env("MMDET_DCNV2_CPU_GEMM", "onednn"):
+        via_onednn = ours(tensors, grad, params)
+        again = ours(tensors, grad, params)
+    assert_equal(again, via_onednn, "bfloat16 onednn run to run")
+    assert_close(via_onednn, via_mm, rtol=5e-2, atol=5e-2, what="bfloat16 onednn vs mm")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("route", ["mm", "onednn"])
+def test_route_bitwise_repeatable_at_fixed_thread_count(route, threads, gen):
+    if route == "onednn" and not onednn_possible(torch.float32):
+        pytest.skip("the oneDNN route is not available here")
+    tensors, grad, params = make_case(gen, groups=2, deform_groups=2)
+    with env("MMDET_DCNV2_CPU_GEMM", route), num_threads(threads):
+        runs = [ours(tensors, grad, params) for _ in range(3)]
+    for again in runs[1:]:
+        assert_equal(again, runs[0], f"{route}, {threads} threads")
+
+
+# ---- the ISA builds of the sampling loops ----
+
+
+def loops_isa():
+    used = dict(part.split("=") for part in ISA().split())
+    return {loop: used[loop] for loop in ("fill", "fill_bf16", "scatter", "dots")}
+
+
+def test_isa_override_selects_the_build():
+    top = cpu_supports()[-1]
+    with env("MMDET_DCNV2_CPU_ISA", None):
+        default = loops_isa()
+    assert all(ISA_RANK[isa] <= ISA_RANK[top] for isa in default.values()), default
+    for isa in ISAS:
+        with env("MMDET_DCNV2_CPU_ISA", isa):
+            # Exactly the level asked for -- even one not selected by default -- up to what the CPU has.
+            expected = isa if ISA_RANK[isa] <= ISA_RANK[top] else top
+            assert set(loops_isa().values()) == {expected}, (isa, loops_isa())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_every_isa_matches_reference_and_repeats(dtype, gen):
+    tensors, grad, params = make_case(gen, dtype=dtype, groups=2, deform_groups=2)
+    want = reference(tensors, grad, params)
+    tol = {torch.float32: 1e-4, torch.bfloat16: 6e-2, torch.float64: 1e-10}[dtype]
+    with env("MMDET_DCNV2_CPU_GEMM", "mm"):  # the loops alone differ between the runs below
+        with env("MMDET_DCNV2_CPU_ISA", "baseline"):
+            baseline = ours(tensors, grad, params)
+        for isa in cpu_supports():
+            with env("MMDET_DCNV2_CPU_ISA", isa), num_threads(2):
+                first, second = ours(tensors, grad, params), ours(tensors, grad, params)
+            assert_equal(second, first, f"{isa} run to run")
+            assert_close(first, want, rtol=tol, atol=tol, what=f"{isa} vs reference")
+            # Across ISAs only FMA contraction may differ: far tighter than the reference tolerance.
+            assert_close(first, baseline, rtol=tol, atol=tol, what=f"{isa} vs baseline")
