@@ -40,6 +40,15 @@ DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_MARKS, id="cuda")]
 
 
 @pytest.fixture
+def deterministic():
+    """torch.use_deterministic_algorithms(True) for one test, restored afterwards."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+@pytest.fixture
 def mmdet_scope():
     """mmdet's modules registered and its default scope current, as under the Runner and mmdet's tools
     (so that stock names resolve through mmdet's registry, where mmdet_dcnv2 registers its layers)."""

@@ -34,14 +34,6 @@ def strict_float32():
 
 
 @pytest.fixture
-def deterministic():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(previous)
-
-
-@pytest.fixture
 def column_budget():
     previous = ops.column_budget()
     yield previous

@@ -35,14 +35,6 @@ def host_library():
 
 
 @pytest.fixture
-def deterministic():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(previous)
-
-
-@pytest.fixture
 def host_budget():
     """Restores the host-run build's column budget."""
     previous = hostcuda.column_budget()
