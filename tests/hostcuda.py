@@ -28,6 +28,7 @@ SOURCES = [
     CSRC / "ops.cpp",
     CSRC / "deform_conv.cpp",
     CSRC / "deform_roi_pool.cpp",
+    CSRC / "cpu" / "cpu_isa.cpp",  # the shared driver asks it which CPU GEMM route to take
     CSRC / "cuda" / "host_run" / "deform_conv_kernel.cpp",
     CSRC / "cuda" / "host_run" / "deform_roi_pool_kernel.cpp",
     CSRC / "cuda" / "host_run" / "knobs.cpp",
