@@ -14,7 +14,6 @@ import os
 import time
 
 import torch
-
 from bench_deform_conv import SHAPES, make_inputs  # benchmarks/ is on sys.path
 from machine import describe
 
@@ -35,7 +34,7 @@ def main():
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     top = torch.ops.mmdet_dcnv2._cpu_isa().split("cpu=")[1]
-    levels = LEVELS[:LEVELS.index(top) + 1]
+    levels = LEVELS[: LEVELS.index(top) + 1]
     print("\n".join(describe()))
     print(f"\n| layer | part ({args.dtype}) | " + " | ".join(f"{lv} ms" for lv in levels) + " |")
     print("|---|---|" + "---|" * len(levels))
@@ -58,8 +57,10 @@ def main():
                         if round_ > 0:  # round 0 warms up
                             best[(level, part)] = min(best.get((level, part), float("inf")), t)
             for part in PARTS:
-                print(f"| {name} | {part} | " + " | ".join(f"{best[(lv, part)] * 1e3:.1f}" for lv in levels) + " |",
-                      flush=True)
+                print(
+                    f"| {name} | {part} | " + " | ".join(f"{best[(lv, part)] * 1e3:.1f}" for lv in levels) + " |",
+                    flush=True,
+                )
     finally:
         if old is None:
             os.environ.pop("MMDET_DCNV2_CPU_ISA", None)

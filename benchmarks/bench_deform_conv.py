@@ -23,9 +23,9 @@ The header says which machine, libraries, thread count and GEMM route the number
 """
 
 import argparse
+
 import torch
 import torch.nn.functional as F
-
 from machine import describe  # benchmarks/machine.py
 from timing import timed_interleaved  # benchmarks/timing.py (the script's folder is on sys.path)
 
@@ -42,7 +42,8 @@ def contenders(only_ours):
         import torchvision
 
         found["torchvision"] = lambda x, off, m, w, b, s, p, d, groups, dg: torchvision.ops.deform_conv2d(
-            x, off, w, b, stride=s, padding=p, dilation=d, mask=m)
+            x, off, w, b, stride=s, padding=p, dilation=d, mask=m
+        )
     except ImportError:
         pass
     return found
@@ -77,8 +78,9 @@ def floor_steps(x, w, grad):
     def onednn():
         torch.mkldnn_convolution(nhwc(cols), kernel, None, [0, 0], [1, 1], [1, 1], 1)
         if grad:  # dilation 2 as our driver asks (the same arithmetic for a 1x1 kernel; see deform_conv.cpp)
-            torch.ops.aten.convolution_backward(nhwc(gout_pm), nhwc(cols), kernel, None, [1, 1], [0, 0], [2, 2],
-                                                False, [0, 0], 1, [True, True, False])
+            torch.ops.aten.convolution_backward(
+                nhwc(gout_pm), nhwc(cols), kernel, None, [1, 1], [0, 0], [2, 2], False, [0, 0], 1, [True, True, False]
+            )
 
     xd = x.detach()
 
@@ -120,6 +122,7 @@ def bench_row(name, batch, deform_groups, dtype, device, repeat, funcs, floors):
                     y = fn()
                     if grad:
                         y.sum().backward()
+
             return step
 
         steps = {"dense": run(lambda: F.conv2d(x, w, padding=1))}
@@ -154,13 +157,20 @@ def main():
     parser.add_argument("--quick", action="store_true", help="batch 1 float32 rows only")
     parser.add_argument("--only-ours", action="store_true", help="no torchvision columns (faster)")
     parser.add_argument("--no-floors", action="store_true", help="no floor rows (CPU)")
-    parser.add_argument("--rows", nargs="*", default=None, metavar="SHAPE:BATCH:DTYPE",
-                        help="rows to run instead of the default set, e.g. c3:1:float32 c4:1:bfloat16")
+    parser.add_argument(
+        "--rows",
+        nargs="*",
+        default=None,
+        metavar="SHAPE:BATCH:DTYPE",
+        help="rows to run instead of the default set, e.g. c3:1:float32 c4:1:bfloat16",
+    )
     args = parser.parse_args()
 
     if args.device == "cuda":
-        print(f"GPU: {torch.cuda.get_device_name()}; TF32: matmul={torch.backends.cuda.matmul.allow_tf32}, "
-              f"cudnn={torch.backends.cudnn.allow_tf32}")
+        print(
+            f"GPU: {torch.cuda.get_device_name()}; TF32: matmul={torch.backends.cuda.matmul.allow_tf32}, "
+            f"cudnn={torch.backends.cudnn.allow_tf32}"
+        )
     funcs = contenders(args.only_ours)
     floors = args.device == "cpu" and not args.no_floors
     rows = [(name, 1, 1, torch.float32) for name in SHAPES]
@@ -178,8 +188,12 @@ def main():
             print("\n" + "\n".join(describe(threads)))
         print(f"\n{args.device}, {threads} thread(s); times relative to dense conv2d of the same shape")
         labels = list(funcs)
-        header = ["layer", "batch", "dg", "dtype", "dense fwd ms"] + [f"{lb} fwd" for lb in labels] + \
-                 ["dense f+b ms"] + [f"{lb} f+b" for lb in labels]
+        header = (
+            ["layer", "batch", "dg", "dtype", "dense fwd ms"]
+            + [f"{lb} fwd" for lb in labels]
+            + ["dense f+b ms"]
+            + [f"{lb} f+b" for lb in labels]
+        )
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
         for name, batch, dg, dtype in rows:

@@ -9,8 +9,8 @@ interleaved, and reported relative to mmcv's RoIAlign (torchvision's where mmcv 
 """
 
 import argparse
-import torch
 
+import torch
 from timing import timed  # benchmarks/timing.py (the script's folder is on sys.path)
 
 from mmdet_dcnv2.ops import deform_roi_pool
@@ -38,7 +38,8 @@ def roi_align_contenders():
         import torchvision
 
         found["torchvision roi_align"] = lambda x, rois, size, scale: torchvision.ops.roi_align(
-            x, rois, size, scale, 0, aligned=True)
+            x, rois, size, scale, 0, aligned=True
+        )
     except ImportError:
         pass
     return found
@@ -60,8 +61,12 @@ def main():
     baseline = next(iter(others))
     print(f"{device}, {torch.get_num_threads()} thread(s); times relative to {baseline}")
     labels = ["ours (offset)", "ours (no offset)"] + list(others)
-    header = ["head", f"{baseline} fwd ms"] + [f"{lb} fwd" for lb in labels] + \
-             [f"{baseline} f+b ms"] + [f"{lb} f+b" for lb in labels]
+    header = (
+        ["head", f"{baseline} fwd ms"]
+        + [f"{lb} fwd" for lb in labels]
+        + [f"{baseline} f+b ms"]
+        + [f"{lb} f+b" for lb in labels]
+    )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for name, (count, size) in ROWS.items():
@@ -79,11 +84,13 @@ def main():
             xi = x.detach().requires_grad_(grad)
             oi = offset.detach().requires_grad_(grad)
             for label, fn in fns.items():
+
                 def step(fn=fn):
                     with torch.set_grad_enabled(grad):
                         out = fn(xi, oi)
                         if grad:
                             out.sum().backward()
+
                 results[(mode, label)] = timed(step, sync, args.repeat)
         cells = [name]
         for mode in ("fwd", "f+b"):

@@ -66,15 +66,27 @@ def measure(config, options, height, width, iters, threads):
     cfg.merge_from_dict(options)
     cfg.model.backbone.init_cfg = None
     model = MODELS.build(cfg.model)
-    dcn_types = sorted({type(m).__module__.split(".")[0] for m in model.modules() if "Deform" in type(m).__name__
-                        or type(m).__name__ in ("MDConv", "DConv", "MDPool", "DPool")})
+    dcn_types = sorted(
+        {
+            type(m).__module__.split(".")[0]
+            for m in model.modules()
+            if "Deform" in type(m).__name__ or type(m).__name__ in ("MDConv", "DConv", "MDPool", "DPool")
+        }
+    )
     torch.manual_seed(0)
     images = torch.rand(1, 3, height, width) * 255
-    sample = DetDataSample(metainfo=dict(img_shape=(height, width), ori_shape=(height, width),
-                                         scale_factor=(1.0, 1.0), pad_shape=(height, width),
-                                         batch_input_shape=(height, width)))
-    sample.gt_instances = InstanceData(bboxes=torch.tensor([[50.0, 60.0, 300.0, 400.0], [400, 100, 700, 500]]),
-                                       labels=torch.tensor([1, 7]))
+    sample = DetDataSample(
+        metainfo=dict(
+            img_shape=(height, width),
+            ori_shape=(height, width),
+            scale_factor=(1.0, 1.0),
+            pad_shape=(height, width),
+            batch_input_shape=(height, width),
+        )
+    )
+    sample.gt_instances = InstanceData(
+        bboxes=torch.tensor([[50.0, 60.0, 300.0, 400.0], [400, 100, 700, 500]]), labels=torch.tensor([1, 7])
+    )
     data = model.data_preprocessor({"inputs": [images[0]], "data_samples": [sample]}, training=True)
 
     def fastest(fn):
@@ -93,8 +105,9 @@ def measure(config, options, height, width, iters, threads):
 
     def train_step():
         losses = model.loss(data["inputs"], data["data_samples"])
-        sum(v.sum() if torch.is_tensor(v) else sum(x.sum() for x in v) for k, v in losses.items()
-            if "loss" in k).backward()
+        sum(
+            v.sum() if torch.is_tensor(v) else sum(x.sum() for x in v) for k, v in losses.items() if "loss" in k
+        ).backward()
         model.zero_grad(set_to_none=True)
 
     train = fastest(train_step)
@@ -121,9 +134,25 @@ def main():
     for _ in range(args.rounds):
         for name, (config, override, options) in variants.items():
             env = dict(os.environ, MMDET_DCNV2_OVERRIDE=override)
-            out = subprocess.run([sys.executable, __file__, "--_child", config, json.dumps(options),
-                                  "--size", *map(str, args.size), "--iters", str(args.iters),
-                                  "--threads", str(args.threads)], env=env, capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--_child",
+                    config,
+                    json.dumps(options),
+                    "--size",
+                    *map(str, args.size),
+                    "--iters",
+                    str(args.iters),
+                    "--threads",
+                    str(args.threads),
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             r = json.loads(out.stdout.strip().splitlines()[-1])
             best = results.setdefault(name, r)
             for key in ("infer_s", "train_s", "peak_mb"):
@@ -135,12 +164,16 @@ def main():
 
     print("\n".join(describe(args.threads or None)))
     print(f"Faster R-CNN R50-FPN, one {args.size[0]}x{args.size[1]} image, CPU, threads: {threads}")
-    print(f"| variant | deformable layers from | inference s | vs {base_name} | train step s | vs {base_name} "
-          "| peak RSS MB |")
+    print(
+        f"| variant | deformable layers from | inference s | vs {base_name} | train step s | vs {base_name} "
+        "| peak RSS MB |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {', '.join(r['dcn_from']) or '-'} | {r['infer_s']:.2f} | {r['infer_s'] / base['infer_s']:.2f}x"
-              f" | {r['train_s']:.2f} | {r['train_s'] / base['train_s']:.2f}x | {r['peak_mb']:.0f} |")
+        print(
+            f"| {name} | {', '.join(r['dcn_from']) or '-'} | {r['infer_s']:.2f} | {r['infer_s'] / base['infer_s']:.2f}x"
+            f" | {r['train_s']:.2f} | {r['train_s'] / base['train_s']:.2f}x | {r['peak_mb']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -11,11 +11,28 @@ import re
 import torch
 
 # Flags that decide which kernels run: ours (avx2/fma/avx512*), oneDNN's bf16/AMX paths.
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_fp16",
-             "avx_vnni", "amx_tile", "amx_bf16")
+ISA_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512dq",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_bf16",
+)
 # Environment variables that change a CPU path (MKL, oneDNN, ours); printed when set.
-PATH_ENV = ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MMDET_DCNV2_CPU_GEMM",
-            "MMDET_DCNV2_CPU_ISA", "OMP_NUM_THREADS")
+PATH_ENV = (
+    "MKL_ENABLE_INSTRUCTIONS",
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "MMDET_DCNV2_CPU_GEMM",
+    "MMDET_DCNV2_CPU_ISA",
+    "OMP_NUM_THREADS",
+)
 
 
 def cpu_description():
@@ -33,8 +50,10 @@ def cpu_description():
     flags = set(field("flags").split())
     have = [f for f in ISA_FLAGS if f in flags]
     cpus = len(re.findall(r"^processor\s*:", text, re.M))
-    return (f"{field('vendor_id')} family {field('cpu family')} model {field('model')} ({field('model name')}), "
-            f"{cpus} CPUs; ISA: {' '.join(have) or 'baseline only'}")
+    return (
+        f"{field('vendor_id')} family {field('cpu family')} model {field('model')} ({field('model name')}), "
+        f"{cpus} CPUs; ISA: {' '.join(have) or 'baseline only'}"
+    )
 
 
 def library_versions():
@@ -42,8 +61,10 @@ def library_versions():
     config = torch.__config__.show()
     mkl = re.search(r"Math Kernel Library Version ([\d.]+)", config)
     dnnl = re.search(r"MKL-DNN v([\d.]+)", config)
-    return (f"MKL {mkl.group(1) if mkl else 'none'}, oneDNN {dnnl.group(1) if dnnl else 'none'}, "
-            f"ATen CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    return (
+        f"MKL {mkl.group(1) if mkl else 'none'}, oneDNN {dnnl.group(1) if dnnl else 'none'}, "
+        f"ATen CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    )
 
 
 def our_paths(dtypes=(torch.float32, torch.bfloat16)):
@@ -51,8 +72,9 @@ def our_paths(dtypes=(torch.float32, torch.bfloat16)):
     try:
         import mmdet_dcnv2.ops  # noqa: F401  (loads the extension)
 
-        routes = ", ".join(f"{str(d).replace('torch.', '')}: {torch.ops.mmdet_dcnv2._cpu_gemm_route(d)}"
-                           for d in dtypes)
+        routes = ", ".join(
+            f"{str(d).replace('torch.', '')}: {torch.ops.mmdet_dcnv2._cpu_gemm_route(d)}" for d in dtypes
+        )
         return f"GEMM route {routes}; sampling loops {torch.ops.mmdet_dcnv2._cpu_isa()}"
     except (ImportError, AttributeError, RuntimeError) as e:
         return f"(our op's paths unavailable: {e})"
@@ -61,9 +83,11 @@ def our_paths(dtypes=(torch.float32, torch.bfloat16)):
 def describe(threads=None):
     """Lines describing the machine and the paths taken, for the top of a benchmark's output."""
     env = [f"{k}={os.environ[k]}" for k in PATH_ENV if os.environ.get(k)]
-    lines = [f"CPU: {cpu_description()}",
-             f"torch {torch.__version__}: {library_versions()}; threads: {threads or torch.get_num_threads()}",
-             f"mmdet_dcnv2: {our_paths()}"]
+    lines = [
+        f"CPU: {cpu_description()}",
+        f"torch {torch.__version__}: {library_versions()}; threads: {threads or torch.get_num_threads()}",
+        f"mmdet_dcnv2: {our_paths()}",
+    ]
     if env:
         lines.append("environment: " + " ".join(env))
     try:

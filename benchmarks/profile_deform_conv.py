@@ -12,10 +12,9 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
-
 from bench_deform_conv import SHAPES, make_inputs  # benchmarks/ is on sys.path
 from machine import describe
+from torch.profiler import ProfilerActivity, profile
 
 from mmdet_dcnv2.ops import modulated_deform_conv2d
 
@@ -79,15 +78,21 @@ def main():
                         y = fn()
                         if grad:
                             y.sum().backward()
+
                 return step
 
-            r = interleaved_splits({"dense": run(lambda: F.conv2d(x, w, padding=1)),
-                                    "ours": run(lambda: modulated_deform_conv2d(x, off, mask, w, None, 1, 1, 1, 1, 1))},
-                                   args.repeat)
+            r = interleaved_splits(
+                {
+                    "dense": run(lambda: F.conv2d(x, w, padding=1)),
+                    "ours": run(lambda: modulated_deform_conv2d(x, off, mask, w, None, 1, 1, 1, 1, 1)),
+                },
+                args.repeat,
+            )
             dense, parts = r["dense"]["total"], r["ours"]
-            cells = [name, mode, f"{dense:.1f}"] + [f"{parts[k] / dense:.2f}x" for k in
-                                                     ("total", "GEMM", "ATen copies/fills",
-                                                      "ours (sampling, transposes)")]
+            cells = [name, mode, f"{dense:.1f}"] + [
+                f"{parts[k] / dense:.2f}x"
+                for k in ("total", "GEMM", "ATen copies/fills", "ours (sampling, transposes)")
+            ]
             print("| " + " | ".join(cells) + " |", flush=True)
     print("\n(ratios to the dense conv's profiled total; the profiled times are each part's fastest step)")
 

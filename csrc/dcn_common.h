@@ -1,6 +1,9 @@
-// Element functions shared by the CPU (.cpp) and CUDA (.cu) kernels: bilinear sampling in the two
-// border conventions DCNv2 needs, and their gradients. The arithmetic that a GPU runs is written only
-// here, so the CPU tests exercise it too.
+// Element functions of the CPU (.cpp) and CUDA (.cu) kernels: bilinear sampling in the two border
+// conventions DCNv2 needs, and their gradients. Both backends share the in-range test, the bilinear
+// weights and coordinate gradients, the base sampling positions and the RoI bins; the RoI pooling
+// also shares its corner gather/scatter. The CPU convolution has its own padded channels-last
+// sampling (zero_border_padded), the CUDA one uses zero_border_corners and corners_*: those run in
+// the tests through the host-run build of the CUDA kernels (docs/cuda.md), not through the CPU op.
 //
 // Only <cmath>/<cstdint>: no ATen, so the header compiles for host and device alike.
 // Template parameters: acc_t is the accumulation type (float for half/bfloat16/float, double for
@@ -124,8 +127,7 @@ DCN_HOST_DEVICE index_t zero_border_padded(acc_t y, acc_t x, index_t height, ind
 // not depend on the coordinate (its derivative is zero).
 template <typename acc_t, typename index_t>
 DCN_HOST_DEVICE Corners<acc_t, index_t> clamped_corners(acc_t y, acc_t x, index_t height, index_t width) {
-  if (height <= 0 || width <= 0 ||
-      !(y >= acc_t(-1) && x >= acc_t(-1) && y <= acc_t(height) && x <= acc_t(width))) {
+  if (height <= 0 || width <= 0 || !(y >= acc_t(-1) && x >= acc_t(-1) && y <= acc_t(height) && x <= acc_t(width))) {
     return no_corners<acc_t, index_t>();
   }
   Corners<acc_t, index_t> c;
@@ -152,12 +154,6 @@ DCN_HOST_DEVICE Corners<acc_t, index_t> clamped_corners(acc_t y, acc_t x, index_
   c.lx = x - acc_t(x0);
   fill_corners(c, y0, x0, y1, x1, true, true, true, true, width);
   return c;
-}
-
-// Multiplies the corner weights by a modulation scalar (the DCNv2 mask folded into the sample).
-template <typename acc_t, typename index_t>
-DCN_HOST_DEVICE void scale_corners(Corners<acc_t, index_t>& c, acc_t s) {
-  for (int j = 0; j < 4; ++j) c.w[j] *= s;
 }
 
 // The interpolated value of one channel plane.
@@ -236,9 +232,9 @@ DCN_HOST_DEVICE int64_t roi_grid_size(acc_t bin_size, int64_t sampling_ratio) {
 
 // roi points at (batch, x1, y1, x2, y2); off_x/off_y are the bin's normalised offsets (0 without).
 template <typename acc_t>
-DCN_HOST_DEVICE RoIBin<acc_t> roi_bin(acc_t x1, acc_t y1, acc_t x2, acc_t y2, int64_t ph, int64_t pw,
-                                      int64_t pooled_h, int64_t pooled_w, acc_t spatial_scale,
-                                      int64_t sampling_ratio, acc_t gamma, acc_t off_x, acc_t off_y) {
+DCN_HOST_DEVICE RoIBin<acc_t> roi_bin(acc_t x1, acc_t y1, acc_t x2, acc_t y2, int64_t ph, int64_t pw, int64_t pooled_h,
+                                      int64_t pooled_w, acc_t spatial_scale, int64_t sampling_ratio, acc_t gamma,
+                                      acc_t off_x, acc_t off_y) {
   RoIBin<acc_t> b;
   const acc_t start_x = x1 * spatial_scale - acc_t(0.5);
   const acc_t start_y = y1 * spatial_scale - acc_t(0.5);

@@ -7,16 +7,16 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
-#include "arg_checks.h"
-#include "cpu/cpu_isa.h"
-#include "cpu/transpose.h"
-
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
+
+#include "arg_checks.h"
+#include "cpu/cpu_isa.h"
+#include "cpu/transpose.h"
 
 namespace mmdet_dcnv2 {
 
@@ -52,15 +52,15 @@ ConvGeometry check_deform_conv_args(const at::Tensor& input, const at::Tensor& o
 
   TORCH_CHECK_VALUE(g.kernel_h >= 1 && g.kernel_w >= 1, "weight must have a kernel of at least 1x1, got shape ",
                     shape_str(weight.sizes()));
-  TORCH_CHECK_VALUE(g.in_channels % groups == 0, "input channels (", g.in_channels,
-                    ") must be divisible by groups (", groups, ")");
+  TORCH_CHECK_VALUE(g.in_channels % groups == 0, "input channels (", g.in_channels, ") must be divisible by groups (",
+                    groups, ")");
   TORCH_CHECK_VALUE(g.out_channels % groups == 0, "weight's output channels (", g.out_channels,
                     ") must be divisible by groups (", groups, ")");
   TORCH_CHECK_VALUE(g.in_channels % deform_groups == 0, "input channels (", g.in_channels,
                     ") must be divisible by deform_groups (", deform_groups, ")");
-  TORCH_CHECK_VALUE(weight.size(1) * groups == g.in_channels, "weight must have C_in / groups = ",
-                    g.in_channels / groups, " input channels (input has ", g.in_channels, ", groups=", groups,
-                    "), got weight of shape ", shape_str(weight.sizes()));
+  TORCH_CHECK_VALUE(weight.size(1) * groups == g.in_channels,
+                    "weight must have C_in / groups = ", g.in_channels / groups, " input channels (input has ",
+                    g.in_channels, ", groups=", groups, "), got weight of shape ", shape_str(weight.sizes()));
 
   const int64_t span_h = g.sampling.dil_h * (g.kernel_h - 1) + 1;
   const int64_t span_w = g.sampling.dil_w * (g.kernel_w - 1) + 1;
@@ -73,9 +73,8 @@ ConvGeometry check_deform_conv_args(const at::Tensor& input, const at::Tensor& o
 
   const int64_t taps = g.taps();
   const std::vector<int64_t> offset_shape{g.batch, 2 * deform_groups * taps, g.out_h, g.out_w};
-  TORCH_CHECK_VALUE(offset.sizes() == at::IntArrayRef(offset_shape), "offset must have shape ",
-                    shape_str(offset_shape), " (N, 2 * deform_groups * kh * kw, H_out, W_out), got ",
-                    shape_str(offset.sizes()));
+  TORCH_CHECK_VALUE(offset.sizes() == at::IntArrayRef(offset_shape), "offset must have shape ", shape_str(offset_shape),
+                    " (N, 2 * deform_groups * kh * kw, H_out, W_out), got ", shape_str(offset.sizes()));
   if (mask.has_value()) {
     check_same_kind(*mask, "mask", input);
     const std::vector<int64_t> mask_shape{g.batch, deform_groups * taps, g.out_h, g.out_w};
@@ -84,8 +83,8 @@ ConvGeometry check_deform_conv_args(const at::Tensor& input, const at::Tensor& o
   }
   if (bias.has_value()) {
     check_same_kind(*bias, "bias", input);
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == g.out_channels, "bias must have shape [",
-                      g.out_channels, "], got ", shape_str(bias->sizes()));
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == g.out_channels, "bias must have shape [", g.out_channels,
+                      "], got ", shape_str(bias->sizes()));
   }
   return g;
 }
@@ -93,8 +92,8 @@ ConvGeometry check_deform_conv_args(const at::Tensor& input, const at::Tensor& o
 void check_deform_conv_grad_output(const at::Tensor& grad_output, const at::Tensor& input, const ConvGeometry& g) {
   check_same_kind(grad_output, "grad_output", input);
   const std::vector<int64_t> shape{g.batch, g.out_channels, g.out_h, g.out_w};
-  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(shape), "grad_output must have shape ",
-                    shape_str(shape), ", got ", shape_str(grad_output.sizes()));
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(shape), "grad_output must have shape ", shape_str(shape),
+                    ", got ", shape_str(grad_output.sizes()));
 }
 
 ConvOperands deform_conv_operands(const at::Tensor& input, const at::Tensor& offset,
@@ -332,8 +331,8 @@ at::Tensor deform_conv_forward(const ConvOperands& op, ColumnKernels& kernels) {
   }
   const ColumnLayout layout = kernels.layout();
   const bool onednn = input.is_cpu() && cpu_gemm_route(input.scalar_type(), layout) == CpuGemm::kOneDnn;
-  const int64_t tile_bytes = onednn ? std::max(kernels.preferred_tile_bytes(), kOneDnnTileBytes)
-                                    : kernels.preferred_tile_bytes();
+  const int64_t tile_bytes =
+      onednn ? std::max(kernels.preferred_tile_bytes(), kOneDnnTileBytes) : kernels.preferred_tile_bytes();
   const auto tiles = column_tiles(g, input.element_size(), tile_bytes);
   const int64_t max_cols = tiles.front().cols(), rows = g.in_channels * g.taps();
   const at::Tensor weight_rows = weight_in_column_order(weight, g, layout);
@@ -347,8 +346,8 @@ at::Tensor deform_conv_forward(const ConvOperands& op, ColumnKernels& kernels) {
     kernels.fill_columns(cols.flat);
     if (onednn) {
       // (1, C_out, 1, cols) channels-last: pixel-major rows of the output, transposed into place.
-      const at::Tensor out = at::mkldnn_convolution(as_nhwc_image(cols.flat), as_1x1_kernel(weight_rows), bias,
-                                                    {0, 0}, {1, 1}, {1, 1}, g.groups);
+      const at::Tensor out = at::mkldnn_convolution(as_nhwc_image(cols.flat), as_1x1_kernel(weight_rows), bias, {0, 0},
+                                                    {1, 1}, {1, 1}, g.groups);
       pixel_major_to_planar(out.permute({0, 2, 3, 1}).contiguous(), tile, output);
       continue;
     }
@@ -393,8 +392,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
 
   if (g.batch > 0 && g.out_channels > 0 && g.in_channels > 0 && (need_input || need_offset || need_weight)) {
     const bool onednn = input.is_cpu() && cpu_gemm_route(input.scalar_type(), layout) == CpuGemm::kOneDnn;
-    const int64_t tile_bytes = onednn ? std::max(kernels.preferred_tile_bytes(), kOneDnnTileBytes)
-                                      : kernels.preferred_tile_bytes();
+    const int64_t tile_bytes =
+        onednn ? std::max(kernels.preferred_tile_bytes(), kOneDnnTileBytes) : kernels.preferred_tile_bytes();
     const auto tiles = column_tiles(g, input.element_size(), tile_bytes);
     const int64_t max_cols = tiles.front().cols(), rows = g.in_channels * g.taps();
     const bool need_columns = need_input || need_offset;
@@ -413,8 +412,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
       planar_to_pixel_major(grad_output, tile, gout);
       const int64_t dil = kOneDnnBackwardDilation;
       const auto grads_1x1 =
-          at::convolution_backward(as_nhwc_image(gout), as_nhwc_image(cols.flat), kernel, std::nullopt, {1, 1},
-                                   {0, 0}, {dil, dil}, false, {0, 0}, g.groups, {need_columns, need_weight, false});
+          at::convolution_backward(as_nhwc_image(gout), as_nhwc_image(cols.flat), kernel, std::nullopt, {1, 1}, {0, 0},
+                                   {dil, dil}, false, {0, 0}, g.groups, {need_columns, need_weight, false});
       if (need_weight) grad_weight_rows.add_(std::get<1>(grads_1x1).view(grad_weight_rows.sizes()));
       if (need_columns) {
         // (1, K, 1, cols) channels-last: the pixel-major (cols, K) grad of columns, as a view.

@@ -25,6 +25,26 @@ struct ConvGeometry {
   DCN_HOST_DEVICE int64_t in_per_group() const { return in_channels / groups; }
   DCN_HOST_DEVICE int64_t out_per_group() const { return out_channels / groups; }
   DCN_HOST_DEVICE int64_t in_per_deform_group() const { return in_channels / deform_groups; }
+
+  // The offset and mask of a sample (image n, sampling row, output pixel p), where a sampling row is
+  // one (deform group grp, kernel point k) pair: row = grp * taps + k, deform_groups * taps rows per
+  // image. offset is (N, 2 * rows, H_out, W_out), the row's dy in channel 2 * row and its dx in the
+  // next one, pixels() further on from offset_index; mask is (N, rows, H_out, W_out). index_t is the
+  // kernel's index type: the caller has checked that these offsets fit it.
+  template <typename index_t>
+  DCN_HOST_DEVICE index_t sampling_row(index_t grp, index_t k) const {
+    return grp * static_cast<index_t>(taps()) + k;
+  }
+  template <typename index_t>
+  DCN_HOST_DEVICE index_t offset_index(index_t n, index_t row, index_t p) const {
+    const index_t rows = static_cast<index_t>(deform_groups) * static_cast<index_t>(taps());
+    return (n * 2 * rows + 2 * row) * static_cast<index_t>(pixels()) + p;
+  }
+  template <typename index_t>
+  DCN_HOST_DEVICE index_t mask_index(index_t n, index_t row, index_t p) const {
+    const index_t rows = static_cast<index_t>(deform_groups) * static_cast<index_t>(taps());
+    return (n * rows + row) * static_cast<index_t>(pixels()) + p;
+  }
 };
 
 // Checks every argument (ranks, shapes, dtypes, devices, divisibility, positive sizes) and returns the
@@ -44,7 +64,6 @@ struct ConvOperands {
   ConvGeometry g;
   at::Tensor input, offset, mask, weight;
   std::optional<at::Tensor> bias;
-
 };
 
 ConvOperands deform_conv_operands(const at::Tensor& input, const at::Tensor& offset,

@@ -1,5 +1,6 @@
 // The device-independent half of the modulated deformable RoI pooling (see deform_roi_pool.h):
-// argument checks shared by both backends, and the CPU validation of the RoIs' batch indices.
+// argument checks and operands shared by both backends, and the CPU validation of the RoIs' batch
+// indices.
 #include "deform_roi_pool.h"
 
 #include <ATen/ATen.h>
@@ -54,9 +55,17 @@ RoIPoolGeometry check_deform_roi_pool_args(const at::Tensor& input, const at::Te
 void check_deform_roi_pool_grad_output(const at::Tensor& grad_output, const at::Tensor& input,
                                        const RoIPoolGeometry& g) {
   check_same_kind(grad_output, "grad_output", input);
-  const std::vector<int64_t> shape{g.num_rois, g.channels, g.pooled_h, g.pooled_w};
+  const std::array<int64_t, 4> shape = g.output_shape();
   TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(shape), "grad_output must have shape ", shape_str(shape),
                     ", got ", shape_str(grad_output.sizes()));
+}
+
+RoIPoolOperands deform_roi_pool_operands(const at::Tensor& input, const at::Tensor& rois,
+                                         const std::optional<at::Tensor>& offset, at::IntArrayRef output_size,
+                                         double spatial_scale, int64_t sampling_ratio, double gamma) {
+  const RoIPoolGeometry g =
+      check_deform_roi_pool_args(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma);
+  return {g, input.contiguous(), rois.contiguous(), offset.has_value() ? offset->contiguous() : at::Tensor()};
 }
 
 std::vector<int64_t> roi_images_cpu(const at::Tensor& rois, int64_t batch) {

@@ -1,6 +1,7 @@
-// The mmdet_dcnv2 operator library: schemas (declared once, here), the argument checks every backend
-// shares, and build information. Backends only add implementations (cpu/, cuda/); autograd and fake
-// kernels are registered from Python (mmdet_dcnv2/ops).
+// The mmdet_dcnv2 operator library: schemas (declared once, here) and build information. Backends
+// only add implementations (cpu/, cuda/), each starting from the operands that deform_conv.cpp and
+// deform_roi_pool.cpp check (arg_checks.h holds their shared helpers); autograd and fake kernels are
+// registered from Python (mmdet_dcnv2/ops).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -21,15 +22,35 @@ namespace mmdet_dcnv2 {
 
 namespace {
 
-std::string build_info() {
+// A JSON object of strings. JSON, not "key=value;...": a field's value may hold any character (the
+// CUDA architecture list is itself ';'-separated), and JSON's escaping keeps fields apart whatever
+// they contain. Parsed by mmdet_dcnv2.ops._extension.parse_build_info.
+std::string json_string(const std::string& value) {
   std::ostringstream s;
-#ifdef MMDET_DCNV2_WITH_CUDA
-  s << "cuda=1;cuda_version=" << MMDET_DCNV2_CUDA_VERSION << ";cuda_arch_list=" << MMDET_DCNV2_CUDA_ARCH_LIST;
-#else
-  s << "cuda=0;cuda_version=;cuda_arch_list=";
-#endif
-  s << ";torch_version=" << MMDET_DCNV2_TORCH_VERSION;
+  s << '"';
+  for (const unsigned char c : value) {
+    if (c == '"' || c == '\\') {
+      s << '\\' << c;
+    } else if (c < 0x20) {
+      const char* hex = "0123456789abcdef";
+      s << "\\u00" << hex[c >> 4] << hex[c & 0xf];
+    } else {
+      s << c;
+    }
+  }
+  s << '"';
   return s.str();
+}
+
+std::string build_info() {
+#ifdef MMDET_DCNV2_WITH_CUDA
+  const std::string cuda = "1", cuda_version = MMDET_DCNV2_CUDA_VERSION, arch_list = MMDET_DCNV2_CUDA_ARCH_LIST;
+#else
+  const std::string cuda = "0", cuda_version, arch_list;
+#endif
+  return "{\"cuda\": " + json_string(cuda) + ", \"cuda_version\": " + json_string(cuda_version) +
+         ", \"cuda_arch_list\": " + json_string(arch_list) +
+         ", \"torch_version\": " + json_string(MMDET_DCNV2_TORCH_VERSION) + "}";
 }
 
 int64_t column_budget_op(int64_t new_value) { return column_budget_bytes(new_value); }

@@ -1,24 +1,12 @@
 """Let ``torch.load``'s default ``weights_only=True`` (torch >= 2.6) read mmengine/mmdet 3.x checkpoints.
 
-mmengine 0.10.7 calls ``torch.load`` without ``weights_only``; since torch 2.6 that means the
-restricted unpickler, which rejects what every Runner-written checkpoint holds besides tensors: the
-message hub's ``HistoryBuffer`` (with numpy arrays, and ``getattr(HistoryBuffer, 'min')``-style
-references to its statistics methods) and numpy scalars in ``meta``. So ``load_from=`` and
-``resume=True`` fail on them. Rather than turning the protection off (``weights_only=False``), we
-allow-list exactly the types found in real mmengine-written checkpoints -- found by loading them
-(``tests/test_checkpoint_safe_globals.py`` does so), not guessed:
-
-- numpy's array and scalar reconstructors, ``numpy.ndarray``, ``numpy.dtype`` and the concrete
-  dtype classes of bool, int32/64 and float32/64 (both ``numpy.core`` and ``numpy._core`` spellings,
-  so checkpoints written under numpy 1.x load under numpy 2.x);
-- ``mmengine.logging.HistoryBuffer``;
-- ``getattr``, but only as a restricted stand-in that returns HistoryBuffer's registered statistics
-  methods and refuses anything else.
-
-``torch.serialization.add_safe_globals`` is process-wide: after ``import mmdet_dcnv2`` every
-``torch.load(weights_only=True)`` in the process accepts these types (and resolves ``getattr`` to
-the restricted stand-in). None of them runs code on load beyond building arrays and setting a
-HistoryBuffer's attributes.
+mmengine 0.10.7 calls ``torch.load`` without ``weights_only``, so ``load_from=`` and ``resume=True``
+fail on every Runner-written checkpoint: the message hub's ``HistoryBuffer`` (numpy arrays,
+``getattr(HistoryBuffer, 'min')``-style references) and numpy scalars in ``meta``. Rather than
+``weights_only=False``, :func:`safe_globals` allow-lists exactly the types found by loading real
+checkpoints (``tests/test_checkpoint_safe_globals.py``), with ``getattr`` replaced by a stand-in
+that returns HistoryBuffer's statistics methods only. ``add_safe_globals`` is process-wide (see
+docs/global_effects.md); :func:`disallow_mmengine_checkpoints` undoes it.
 """
 
 import pickle
@@ -43,7 +31,8 @@ def _history_buffer_statistic(owner: Any, name: str):
         return getattr(owner, name)
     raise pickle.UnpicklingError(
         f"weights_only load: getattr({owner!r}, {name!r}) is not allowed; mmdet_dcnv2 allows getattr only "
-        "for mmengine HistoryBuffer statistics methods")
+        "for mmengine HistoryBuffer statistics methods"
+    )
 
 
 def _numpy_multiarray():
@@ -53,9 +42,12 @@ def _numpy_multiarray():
 def safe_globals() -> List[Tuple[Any, str]]:
     """The allow-list, as (object, pickled name) pairs for ``torch.serialization.add_safe_globals``."""
     multiarray = _numpy_multiarray()
-    entries = [(_history_buffer_statistic, "builtins.getattr"),
-               (HistoryBuffer, "mmengine.logging.history_buffer.HistoryBuffer"),
-               (np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
+    entries = [
+        (_history_buffer_statistic, "builtins.getattr"),
+        (HistoryBuffer, "mmengine.logging.history_buffer.HistoryBuffer"),
+        (np.ndarray, "numpy.ndarray"),
+        (np.dtype, "numpy.dtype"),
+    ]
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         entries += [(multiarray._reconstruct, f"{module}._reconstruct"), (multiarray.scalar, f"{module}.scalar")]
     for name in _SCALAR_DTYPES:
@@ -67,6 +59,14 @@ def safe_globals() -> List[Tuple[Any, str]]:
 def allow_mmengine_checkpoints() -> None:
     """Add :func:`safe_globals` to torch's process-wide weights_only allow-list (idempotent)."""
     torch.serialization.add_safe_globals(safe_globals())
+
+
+def disallow_mmengine_checkpoints() -> None:
+    """Take :func:`safe_globals` off the allow-list again; entries others added stay."""
+    ours = safe_globals()
+    others = [entry for entry in torch.serialization.get_safe_globals() if entry not in ours]
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals(others)
 
 
 allow_mmengine_checkpoints()

@@ -19,8 +19,7 @@ from mmengine.config import Config
 CUSTOM_IMPORTS = "custom_imports = dict(imports=['mmdet_dcnv2'], allow_failed_imports=False)\n"
 # Our configs/dcnv2 as installed (inside the package, where mim finds them). Located without
 # importing mmdet_dcnv2: processes that must run without the plugin use these helpers too.
-OUR_CONFIGS = os.path.join(os.path.dirname(importlib.util.find_spec("mmdet_dcnv2").origin), ".mim", "configs",
-                           "dcnv2")
+OUR_CONFIGS = os.path.join(os.path.dirname(importlib.util.find_spec("mmdet_dcnv2").origin), ".mim", "configs", "dcnv2")
 CHANNELS = 32
 IMAGE_SIZE = 64
 CATEGORIES = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}]
@@ -46,11 +45,19 @@ def make_tiny_coco(root: str, num_images: int = 2, seed: int = 0) -> str:
             name = f"{image_id:012d}.png"
             pixels = rng.integers(0, 255, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
             for k, (x, y, w, h) in enumerate(((8, 10, 30, 24), (34, 30, 24, 28))):
-                pixels[y:y + h, x:x + w] = 60 + 120 * k  # flat boxes a detector can latch onto
+                pixels[y : y + h, x : x + w] = 60 + 120 * k  # flat boxes a detector can latch onto
                 polygon = [x, y, x + w, y, x + w, y + h, x, y + h]
-                annotations.append({"id": len(annotations) + 1, "image_id": image_id,
-                                    "category_id": CATEGORIES[k]["id"], "bbox": [x, y, w, h],
-                                    "area": w * h, "iscrowd": 0, "segmentation": [polygon]})
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": image_id,
+                        "category_id": CATEGORIES[k]["id"],
+                        "bbox": [x, y, w, h],
+                        "area": w * h,
+                        "iscrowd": 0,
+                        "segmentation": [polygon],
+                    }
+                )
             cv2.imwrite(os.path.join(root, split, name), pixels)
             images.append({"id": image_id, "file_name": name, "width": IMAGE_SIZE, "height": IMAGE_SIZE})
         with open(os.path.join(root, "annotations", f"instances_{split}.json"), "w") as f:
@@ -112,9 +119,15 @@ def tiny_data_options(cfg: Config, data_root: str, work_dir: str = None) -> Dict
     for split in ("train", "val", "test"):
         loader = cfg[f"{split}_dataloader"]
         prefix = f"{split}_dataloader"
-        options.update({f"{prefix}.batch_size": 1, f"{prefix}.num_workers": 0,
-                        f"{prefix}.persistent_workers": False, f"{prefix}.dataset.data_root": data_root,
-                        f"{prefix}.dataset.pipeline.{_resize_index(loader.dataset.pipeline)}.scale": size})
+        options.update(
+            {
+                f"{prefix}.batch_size": 1,
+                f"{prefix}.num_workers": 0,
+                f"{prefix}.persistent_workers": False,
+                f"{prefix}.dataset.data_root": data_root,
+                f"{prefix}.dataset.pipeline.{_resize_index(loader.dataset.pipeline)}.scale": size,
+            }
+        )
     ann = os.path.join(data_root, "annotations", "instances_val2017.json")
     options.update({"val_evaluator.ann_file": ann, "test_evaluator.ann_file": ann})
     if work_dir is not None:
@@ -128,6 +141,7 @@ def tiny_options(cfg: Config, data_root: str, work_dir: str = None) -> Dict[str,
 
 def as_cfg_options(options: Dict[str, object]) -> List[str]:
     """``--cfg-options`` arguments: ``key=value`` with lists as [a,b] and tuples as (a,b)."""
+
     def text(value):
         if isinstance(value, (list, tuple)):
             inner = ",".join(text(v) for v in value)

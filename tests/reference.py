@@ -23,7 +23,7 @@ from torch import Tensor
 IntPair = Union[int, Sequence[int]]
 
 
-def _pair(value: IntPair) -> Tuple[int, int]:
+def pair(value: IntPair) -> Tuple[int, int]:
     if isinstance(value, int):
         return value, value
     height, width = value
@@ -38,6 +38,7 @@ def conv_output_size(in_size: int, kernel: int, stride: int, padding: int, dilat
 # --------------------------------------------------------------------------------------------------
 # Modulated deformable convolution (DCNv2), mmcv / torchvision semantics
 # --------------------------------------------------------------------------------------------------
+
 
 def _sample_zero_border(plane: Tensor, y: Tensor, x: Tensor) -> Tensor:
     """Bilinear sample of ``plane`` (N, C, H, W) at (y, x) (each (N, L)) against a zero border.
@@ -90,9 +91,9 @@ def modulated_deform_conv2d_ref(
     ``c // (C / deform_groups)`` and to convolution group ``c // (C / groups)``. All tensors are
     used in their own dtype (no casting policy here: the tests cast before calling).
     """
-    stride_h, stride_w = _pair(stride)
-    pad_h, pad_w = _pair(padding)
-    dil_h, dil_w = _pair(dilation)
+    stride_h, stride_w = pair(stride)
+    pad_h, pad_w = pair(padding)
+    dil_h, dil_w = pair(dilation)
     n, channels, height, width = input.shape
     out_channels, channels_per_group, kernel_h, kernel_w = weight.shape
     taps = kernel_h * kernel_w
@@ -123,7 +124,7 @@ def modulated_deform_conv2d_ref(
         for g in range(deform_groups):
             y = base_y + a * dil_h + offset[:, g, k, 0]
             x = base_x + b * dil_w + offset[:, g, k, 1]
-            plane = input[:, g * group_channels:(g + 1) * group_channels]
+            plane = input[:, g * group_channels : (g + 1) * group_channels]
             sampled = _sample_zero_border(plane, y, x)
             if mask is not None:
                 sampled = sampled * mask[:, g, k].unsqueeze(1)
@@ -143,6 +144,7 @@ def modulated_deform_conv2d_ref(
 # --------------------------------------------------------------------------------------------------
 # Deformable RoI pooling, mmcv 2.x semantics (RoIAlign-style sampling, aligned=True shift)
 # --------------------------------------------------------------------------------------------------
+
 
 def _sample_roi_align(plane: Tensor, y: Tensor, x: Tensor) -> Tensor:
     """RoIAlign's bilinear sample of ``plane`` (C, H, W) at points (y, x) (each (S,)). Returns (C, S).
@@ -171,8 +173,12 @@ def _sample_roi_align(plane: Tensor, y: Tensor, x: Tensor) -> Tensor:
     def corner(cy, cx):
         return flat[:, (cy * width + cx).long()]
 
-    value = ((hy * hx) * corner(y0, x0) + (hy * lx) * corner(y0, x1)
-             + (ly * hx) * corner(y1, x0) + (ly * lx) * corner(y1, x1))
+    value = (
+        (hy * hx) * corner(y0, x0)
+        + (hy * lx) * corner(y0, x1)
+        + (ly * hx) * corner(y1, x0)
+        + (ly * lx) * corner(y1, x1)
+    )
     return torch.where(valid, value, torch.zeros_like(value))
 
 
@@ -193,7 +199,7 @@ def deform_roi_pool_ref(
     then no samples and the output is 0) points per side, shifted by
     ``gamma * roi_size * offset[r, :, i, j]`` (offset channel 0 is x, channel 1 is y).
     """
-    pooled_h, pooled_w = _pair(output_size)
+    pooled_h, pooled_w = pair(output_size)
     _, channels, height, width = input.shape
     num_rois = rois.shape[0]
     if offset is not None:

@@ -13,27 +13,27 @@ pytest.importorskip("mmdet")
 from mmengine.config import Config  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
+from mmdet_dcnv2 import checkpoint as safe_checkpoint  # noqa: E402
 from mmdet_tiny import make_tiny_coco, tiny_options, write_config  # noqa: E402
 
-from mmdet_dcnv2 import checkpoint as safe_checkpoint  # noqa: E402
-
-NUMPY_META = dict(best_score=np.float64(0.25), best_iter=np.int64(2), scale=np.float32(1.5), flag=np.bool_(True),
-                  count=np.int32(7))
+NUMPY_META = dict(
+    best_score=np.float64(0.25), best_iter=np.int64(2), scale=np.float32(1.5), flag=np.bool_(True), count=np.int32(7)
+)
 
 
 @contextlib.contextmanager
 def _without_our_allow_list():
-    saved = torch.serialization.get_safe_globals()
-    torch.serialization.clear_safe_globals()
+    safe_checkpoint.disallow_mmengine_checkpoints()
     try:
         yield
     finally:
-        torch.serialization.add_safe_globals(saved)
+        safe_checkpoint.allow_mmengine_checkpoints()
 
 
 def _runner(tmp_path, work_dir, **overrides):
-    cfg = Config.fromfile(write_config(str(tmp_path / "cfg.py"),
-                                       "mmdet::dcnv2/faster-rcnn_r50-mdconv-c3-c5_fpn_1x_coco.py"))
+    cfg = Config.fromfile(
+        write_config(str(tmp_path / "cfg.py"), "mmdet::dcnv2/faster-rcnn_r50-mdconv-c3-c5_fpn_1x_coco.py")
+    )
     cfg.merge_from_dict(tiny_options(cfg, str(tmp_path / "data"), str(tmp_path / work_dir)))
     cfg.merge_from_dict(overrides)
     cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
@@ -62,6 +62,22 @@ def test_runner_checkpoints_need_the_allow_list_and_load_with_it(trained):
     assert {k: meta[k] for k in NUMPY_META} == NUMPY_META
 
 
+def test_disallow_takes_off_exactly_ours():
+    class Other:
+        pass
+
+    torch.serialization.add_safe_globals([Other])
+    try:
+        with _without_our_allow_list():
+            remaining = torch.serialization.get_safe_globals()
+            assert Other in remaining and not any(entry in remaining for entry in safe_checkpoint.safe_globals())
+        assert all(entry in torch.serialization.get_safe_globals() for entry in safe_checkpoint.safe_globals())
+    finally:
+        kept = [entry for entry in torch.serialization.get_safe_globals() if entry is not Other]
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(kept)
+
+
 def test_allow_list_refuses_other_getattr_targets():
     with pytest.raises(pickle.UnpicklingError, match="getattr"):
         safe_checkpoint._history_buffer_statistic(torch, "load")
@@ -75,7 +91,8 @@ def test_load_from_and_resume(trained):
     for key, value in runner.model.state_dict().items():
         torch.testing.assert_close(value, expected[key], msg=key)
 
-    resumed = _runner(trained, "resume", load_from=str(trained / "first" / "epoch_1.pth"), resume=True,
-                      **{"train_cfg.max_epochs": 2})
+    resumed = _runner(
+        trained, "resume", load_from=str(trained / "first" / "epoch_1.pth"), resume=True, **{"train_cfg.max_epochs": 2}
+    )
     resumed.train()
     assert resumed.epoch == 2 and resumed.iter == 4  # 2 images, batch 1: epoch 1 restored, epoch 2 trained

@@ -11,10 +11,10 @@ import os
 
 import pytest
 import torch
-from reference import modulated_deform_conv2d_ref
 
 import mmdet_dcnv2.ops as ops
 from mmdet_dcnv2.ops import modulated_deform_conv2d
+from reference import modulated_deform_conv2d_ref
 
 ROUTE = torch.ops.mmdet_dcnv2._cpu_gemm_route
 ISA = torch.ops.mmdet_dcnv2._cpu_isa
@@ -87,8 +87,9 @@ def ours(tensors, grad, params):
 
 
 def reference(tensors, grad, params):
-    return run(modulated_deform_conv2d_ref, [t.double() if t is not None else None for t in tensors],
-               grad.double(), params)
+    return run(
+        modulated_deform_conv2d_ref, [t.double() if t is not None else None for t in tensors], grad.double(), params
+    )
 
 
 def assert_close(got, want, rtol, atol, what=""):
@@ -105,6 +106,7 @@ def assert_equal(got, want, what=""):
 
 
 # ---- the route rule and its override ----
+
 
 def test_route_override_and_rule():
     with env("MMDET_DCNV2_CPU_GEMM", "mm"):
@@ -210,6 +212,7 @@ def test_route_bitwise_repeatable_at_fixed_thread_count(route, threads, gen):
 
 
 # ---- the ISA builds of the sampling loops ----
+
 
 def loops_isa():
     used = dict(part.split("=") for part in ISA().split())

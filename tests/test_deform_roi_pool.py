@@ -6,135 +6,49 @@ import math
 import pytest
 import torch
 import torchvision
-from conftest import DEVICES, SEED, requires_cuda, uniform
-from reference import deform_roi_pool_ref
 
+from cases import (
+    ROI_CASES,
+    RoICase,
+    assert_same_results,
+    case_params,
+    corner_row,
+    evaluate,
+    leaves,
+    make_rois,
+    num_threads,
+    present_names,
+    uniform,
+)
+from conftest import DEVICES, requires_cuda
 from mmdet_dcnv2.ops import deform_roi_pool
+from reference import deform_roi_pool_ref, pair
 
 FORWARD_OP = torch.ops.mmdet_dcnv2.deform_roi_pool.default
 BACKWARD_OP = torch.ops.mmdet_dcnv2.deform_roi_pool_backward.default
+GRADS = RoICase.differentiable  # input and offset; the boxes get none
 
 
-def _pair(value):
-    return (value, value) if isinstance(value, int) else tuple(value)
-
-
-def make_rois(gen, batch, height, width, spatial_scale, count, special=True):
-    """(count [+ 6], 5) RoIs in image coordinates (the map times 1 / spatial_scale): random boxes, some
-    reaching past the border, then the corner cases: entirely outside, zero width, zero area,
-    reversed, smaller than a bin, larger than the map."""
-    image_h, image_w = height / spatial_scale, width / spatial_scale
-    x1 = uniform((count,), -0.2 * image_w, 0.8 * image_w, gen)
-    y1 = uniform((count,), -0.2 * image_h, 0.8 * image_h, gen)
-    x2 = x1 + uniform((count,), 0.1 * image_w, 0.9 * image_w, gen)
-    y2 = y1 + uniform((count,), 0.1 * image_h, 0.9 * image_h, gen)
-    index = torch.randint(0, batch, (count,), generator=gen).to(torch.float64)
-    rois = torch.stack([index, x1, y1, x2, y2], dim=1)
-    if not special:
-        return rois
-    last = batch - 1
-    corner_cases = torch.tensor([
-        [0, 1.31, 1.23, 1.62, 1.54],  # outside
-        [last, 0.33, 0.21, 0.33, 0.72],  # zero width
-        [0, 0.47, 0.52, 0.47, 0.52],  # zero area
-        [last, 0.71, 0.62, 0.23, 0.11],  # reversed
-        [0, 0.413, 0.337, 0.452, 0.361],  # tiny
-        [last, -0.31, -0.42, 1.26, 1.33],  # larger than the map
-    ], dtype=torch.float64)
-    corner_cases[:, [1, 3]] *= image_w
-    corner_cases[:, [2, 4]] *= image_h
-    return torch.cat([rois, corner_cases])
-
-
-def make_offsets(gen, num_rois, output_size, kind):
-    """Normalised offsets (R, 2, out_h, out_w). 'near' moves samples by up to ~ a tenth of the RoI
-    (gamma 0.1); 'far' sends about half of the bins one to three RoI sizes away, off the map."""
-    shape = (num_rois, 2) + _pair(output_size)
-    near = uniform(shape, -1.0, 1.0, gen)
-    if kind == "near":
-        return near
-    far = uniform(shape, 10.0, 30.0, gen) * torch.where(torch.rand(shape, generator=gen) < 0.5, -1.0, 1.0)
-    return torch.where(torch.rand(shape, generator=gen) < 0.5, far, near)
-
-
-class RoICase:
-    def __init__(self, batch, channels, size, output_size, spatial_scale, sampling_ratio, offsets, count=5,
-                 gamma=0.1):
-        self.batch, self.channels, self.size = batch, channels, _pair(size)
-        self.output_size, self.spatial_scale, self.sampling_ratio = output_size, spatial_scale, sampling_ratio
-        self.offsets, self.count, self.gamma = offsets, count, gamma
-
-    @property
-    def id(self):
-        out_h, out_w = _pair(self.output_size)
-        return (f"n{self.batch}c{self.channels}-{self.size[0]}x{self.size[1]}-out{out_h}x{out_w}"
-                f"-scale{self.spatial_scale}-ratio{self.sampling_ratio}-{self.offsets}")
-
-    @property
-    def params(self):
-        """(output_size, spatial_scale, sampling_ratio, gamma), as the functional API takes them."""
-        return self.output_size, self.spatial_scale, self.sampling_ratio, self.gamma
-
-    @property
-    def op_params(self):
-        """The same with output_size as the raw op's int[2]."""
-        return list(_pair(self.output_size)), self.spatial_scale, self.sampling_ratio, self.gamma
-
-    def tensors(self, gen, dtype=torch.float64):
-        """(input, rois, offset); offset is None for offsets='none'."""
-        input = torch.randn((self.batch, self.channels) + self.size, generator=gen, dtype=torch.float64)
-        rois = make_rois(gen, self.batch, *self.size, self.spatial_scale, self.count)
-        offset = None if self.offsets == "none" else make_offsets(gen, rois.shape[0], self.output_size, self.offsets)
-        return tuple(None if t is None else t.to(dtype) for t in (input, rois, offset))
-
-
-CASES = [
-    RoICase(2, 3, (9, 11), 7, 1.0, 0, "near"),
-    RoICase(2, 3, (9, 11), 7, 1.0, 2, "far"),
-    RoICase(1, 2, (12, 10), 14, 0.25, 2, "near", count=3),
-    RoICase(2, 2, (12, 10), 14, 0.25, 0, "far", count=3),
-    RoICase(2, 2, (8, 13), (3, 5), 0.25, 0, "far"),
-    RoICase(3, 2, (8, 13), (3, 5), 1.0, 2, "none"),
-]
-
-
-def case_params(cases):
-    return [pytest.param(case, id=case.id) for case in cases]
-
-
-def forward_and_grads(fn, input, rois, offset, params, grad_output=None):
-    """fn's output and the gradients w.r.t. input and offset (None where there is no offset)."""
-    input = input.detach().requires_grad_()
-    offset = None if offset is None else offset.detach().requires_grad_()
-    output = fn(input, rois, offset, *params)
-    if grad_output is None:
-        grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(SEED), dtype=torch.float64)
-    inputs = [input] if offset is None else [input, offset]
-    grads = torch.autograd.grad(output, inputs, grad_output.to(output), allow_unused=True)
-    return output.detach(), grads[0], (grads[1] if offset is not None else None)
-
-
-def assert_matches_reference(case, input, rois, offset, device="cpu", **tolerance):
-    expected = forward_and_grads(deform_roi_pool_ref, input, rois, offset, case.params)
-    actual = forward_and_grads(deform_roi_pool, input.to(device), rois.to(device),
-                               None if offset is None else offset.to(device), case.params)
-    for name, got, want in zip(("output", "grad of input", "grad of offset"), actual, expected):
-        if want is None:
-            assert got is None
-            continue
-        torch.testing.assert_close(got.cpu().to(want.dtype), want, msg=lambda m: f"{name}: {m}", **tolerance)
+def assert_matches_reference(case, tensors, gen, device="cpu"):
+    """Forward and the gradients of input and offset on ``device`` equal the float64 reference's."""
+    grad_output = torch.randn(case.output_shape(tensors[1].shape[0]), generator=gen, dtype=torch.float64)
+    expected = evaluate(deform_roi_pool_ref, leaves(tensors, differentiable=GRADS), case.params, grad_output)
+    output, grads = evaluate(
+        deform_roi_pool, leaves(tensors, device, differentiable=GRADS), case.params, grad_output.to(device)
+    )
+    assert_same_results((output.cpu(), [g.cpu() for g in grads]), expected, present_names(case, tensors))
 
 
 # --------------------------------------------------------------------------------------------------
 # The kernels against the reference (float64)
 # --------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", case_params(CASES))
+@pytest.mark.parametrize("case", case_params(ROI_CASES))
 def test_matches_reference(case, device, gen):
     """Forward and both gradients, RoIs outside / degenerate / reversed / tiny / larger than the map."""
-    input, rois, offset = case.tensors(gen)
-    assert_matches_reference(case, input, rois, offset, device)
+    assert_matches_reference(case, case.tensors(gen), gen, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -143,7 +57,9 @@ def test_corner_case_rois(device, gen):
     fixed grid still samples a zero-width or reversed RoI (as mmcv and torchvision do)."""
     case = RoICase(2, 3, (9, 11), 7, 1.0, 0, "near", count=0)
     input, rois, offset = case.tensors(gen)
-    outside, zero_width, zero_area, reversed_ = 0, 1, 2, 3
+    outside, zero_width, zero_area, reversed_ = (
+        corner_row(name) for name in ("outside", "zero_width", "zero_area", "reversed")
+    )
     adaptive = deform_roi_pool(input.to(device), rois.to(device), offset.to(device), *case.params).cpu()
     for row in (outside, zero_width, zero_area, reversed_):
         assert adaptive[row].eq(0).all(), row
@@ -178,16 +94,21 @@ def test_nonfinite_roi_coordinates_pool_to_zero(sampling_ratio, device, gen):
     bad[2, 2] = -math.inf
     rois = torch.cat([good, bad])
     offset = torch.cat([offset[:4], offset[:3]])
-    output, grad_input, grad_offset = forward_and_grads(
-        deform_roi_pool, input.to(device), rois.to(device), offset.to(device), case.params)
+    grad_output = torch.randn(case.output_shape(rois.shape[0]), generator=gen, dtype=torch.float64)
+    output, (grad_input, grad_offset) = evaluate(
+        deform_roi_pool,
+        leaves((input, rois, offset), device, differentiable=GRADS),
+        case.params,
+        grad_output.to(device),
+    )
     assert output[4:].eq(0).all()
     assert torch.isfinite(grad_input).all() and grad_offset[4:].eq(0).all()
-    expected = forward_and_grads(deform_roi_pool_ref, input, good, offset[:4], case.params,
-                                 grad_output=torch.randn(output.shape, generator=torch.Generator().manual_seed(SEED),
-                                                         dtype=torch.float64)[:4])
-    torch.testing.assert_close(output[:4].cpu(), expected[0])
-    torch.testing.assert_close(grad_input.cpu(), expected[1])
-    torch.testing.assert_close(grad_offset[:4].cpu(), expected[2])
+    expected, (expected_input, expected_offset) = evaluate(
+        deform_roi_pool_ref, leaves((input, good, offset[:4]), differentiable=GRADS), case.params, grad_output[:4]
+    )
+    torch.testing.assert_close(output[:4].cpu(), expected)
+    torch.testing.assert_close(grad_input.cpu(), expected_input)
+    torch.testing.assert_close(grad_offset[:4].cpu(), expected_offset)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -198,8 +119,12 @@ def test_nonfinite_offsets_zero_their_bin(device, gen):
     offset = uniform((1, 2, 2, 2), -0.5, 0.5, gen)
     offset[0, 0, 0, 1] = math.nan
     offset[0, 1, 1, 0] = math.inf
-    output, grad_input, grad_offset = forward_and_grads(
-        deform_roi_pool, input.to(device), rois.to(device), offset.to(device), (2, 1.0, 2, 0.1))
+    output, (grad_input, grad_offset) = evaluate(
+        deform_roi_pool,
+        leaves((input, rois, offset), device, differentiable=GRADS),
+        (2, 1.0, 2, 0.1),
+        torch.randn(1, 2, 2, 2, generator=gen, dtype=torch.float64).to(device),
+    )
     assert output[0, :, 0, 1].eq(0).all() and output[0, :, 1, 0].eq(0).all() and output[0, :, 0, 0].ne(0).all()
     assert torch.isfinite(grad_input).all() and torch.isfinite(grad_offset).all()
     assert grad_offset[0, :, 0, 1].eq(0).all() and grad_offset[0, :, 1, 0].eq(0).all()
@@ -212,8 +137,9 @@ def test_offset_gradient_is_zero_in_the_clamped_band(device):
     input = torch.arange(1.0, 17.0, dtype=torch.float64).view(1, 1, 4, 4) ** 2
     rois = torch.tensor([[0, 0.0, 1.1, 0.4, 2.7]], dtype=torch.float64)  # x samples at -0.5 + 0.2 = -0.3
     offset = torch.zeros(1, 2, 1, 1, dtype=torch.float64)
-    _, _, grad_offset = forward_and_grads(deform_roi_pool, input.to(device), rois.to(device), offset.to(device),
-                                          (1, 1.0, 1, 0.1), grad_output=torch.ones(1, 1, 1, 1))
+    _, (_, grad_offset) = evaluate(
+        deform_roi_pool, leaves((input, rois, offset), device, differentiable=GRADS), (1, 1.0, 1, 0.1)
+    )  # upstream gradient 1
     assert grad_offset[0, 0].eq(0).all() and grad_offset[0, 1].ne(0).all()
 
 
@@ -221,10 +147,11 @@ def test_offset_gradient_is_zero_in_the_clamped_band(device):
 # gradcheck and opcheck
 # --------------------------------------------------------------------------------------------------
 
+
 def sample_coordinates(rois, offset, output_size, spatial_scale, sampling_ratio, gamma):
     """(ys, xs) of the samples of every bin, keyed by (r, i, j): the forward's formula in Python floats
     (double precision, like the float64 kernel), used only to vet gradcheck cases."""
-    pooled_h, pooled_w = _pair(output_size)
+    pooled_h, pooled_w = pair(output_size)
     coords = {}
     for r, (_, x1, y1, x2, y2) in enumerate(rois.tolist()):
         start_x, start_y = x1 * spatial_scale - 0.5, y1 * spatial_scale - 0.5
@@ -237,16 +164,18 @@ def sample_coordinates(rois, offset, output_size, spatial_scale, sampling_ratio,
             for j in range(pooled_w):
                 y0 = start_y + gamma * roi_h * off_y[i][j] + i * bin_h
                 x0 = start_x + gamma * roi_w * off_x[i][j] + j * bin_w
-                coords[r, i, j] = ([y0 + (k + 0.5) * bin_h / grid_h for k in range(grid_h)],
-                                   [x0 + (k + 0.5) * bin_w / grid_w for k in range(grid_w)])
+                coords[r, i, j] = (
+                    [y0 + (k + 0.5) * bin_h / grid_h for k in range(grid_h)],
+                    [x0 + (k + 0.5) * bin_w / grid_w for k in range(grid_w)],
+                )
     return coords
 
 
-def off_grid_offsets(gen, rois, output_size, spatial_scale, sampling_ratio, gamma, spread, margin=0.02):
+def off_grid_roi_offsets(gen, rois, output_size, spatial_scale, sampling_ratio, gamma, spread, margin=0.02):
     """Offsets in [-spread, spread], redrawn bin by bin until every sample lies at least `margin` from
     an integer. Grid lines and the edges of the clamped band (-1, 0, H - 1, H) all lie on integers:
     away from them the forward is smooth, so finite differences and the kernels' derivatives agree."""
-    offset = uniform((rois.shape[0], 2) + _pair(output_size), -spread, spread, gen)
+    offset = uniform((rois.shape[0], 2) + pair(output_size), -spread, spread, gen)
     for _ in range(200):
         coords = sample_coordinates(rois, offset, output_size, spatial_scale, sampling_ratio, gamma)
         bad = [key for key, (ys, xs) in coords.items() if any(abs(v - round(v)) < margin for v in ys + xs)]
@@ -270,28 +199,31 @@ def test_gradcheck(output_size, spatial_scale, sampling_ratio, spread, device, g
     """float64 finite differences, samples inside, in the clamped band and off the map."""
     gamma = 0.2
     height, width = 5, 6
-    rois = make_rois(gen, 2, height, width, spatial_scale, count=2)[[0, 1, 2, 3, 5, 7]]  # random, out, 0-w, rev, big
-    offset = off_grid_offsets(gen, rois, output_size, spatial_scale, sampling_ratio, gamma, spread)
+    rois = make_rois(gen, 2, height, width, spatial_scale, count=2)
+    rois = rois[[0, 1] + [corner_row(name) for name in ("outside", "zero_width", "reversed", "larger_than_map")]]
+    offset = off_grid_roi_offsets(gen, rois, output_size, spatial_scale, sampling_ratio, gamma, spread)
     input = torch.randn(2, 2, height, width, generator=gen, dtype=torch.float64, device=device)
     rois, offset = rois.to(device), offset.to(device)
     assert torch.autograd.gradcheck(
         lambda x, o: deform_roi_pool(x, rois, o, output_size, spatial_scale, sampling_ratio, gamma),
-        (input.requires_grad_(), offset.requires_grad_()))
+        (input.requires_grad_(), offset.requires_grad_()),
+        nondet_tol=1e-12 if device == "cuda" else 0.0,
+    )  # CUDA's atomic backward: see docs/cuda.md
 
 
 def opcheck_samples(device, gen):
     """(forward args, backward args) of the raw ops: with and without offset, and no RoIs."""
     samples = []
-    for case, count in ((CASES[1], 2), (CASES[5], 2), (CASES[4], 0)):
-        input, rois, offset = RoICase(case.batch, case.channels, case.size, *case.params[:3], case.offsets,
-                                      count=count).tensors(gen)
+    for case, count in ((ROI_CASES[1], 2), (ROI_CASES[5], 2), (ROI_CASES[4], 0)):
+        input, rois, offset = RoICase(
+            case.batch, case.channels, case.size, *case.params[:3], case.offsets, count=count
+        ).tensors(gen)
         if count == 0:
             rois = rois[:0]
             offset = offset[:0]
         input, rois = input.to(device), rois.to(device)
         offset = None if offset is None else offset.to(device)
-        grad_output = torch.randn((rois.shape[0], case.channels) + _pair(case.output_size), generator=gen,
-                                  dtype=torch.float64).to(device)
+        grad_output = torch.randn(case.output_shape(rois.shape[0]), generator=gen, dtype=torch.float64).to(device)
         forward = (input.requires_grad_(), rois, None if offset is None else offset.requires_grad_(), *case.op_params)
         backward = (grad_output, input.detach(), rois, None if offset is None else offset.detach(), *case.op_params)
         samples.append((forward, backward))
@@ -311,20 +243,29 @@ def test_opcheck(device, gen):
 # Cross-checks, precision, dtype policy, strides
 # --------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("output_size, spatial_scale, sampling_ratio",
-                         [(7, 1.0, 0), (7, 0.25, 2), ((3, 5), 0.25, 0), ((14, 14), 0.5, 2)])
+@pytest.mark.parametrize(
+    "output_size, spatial_scale, sampling_ratio", [(7, 1.0, 0), (7, 0.25, 2), ((3, 5), 0.25, 0), ((14, 14), 0.5, 2)]
+)
 def test_without_offset_equals_torchvision_roi_align(output_size, spatial_scale, sampling_ratio, dtype, device, gen):
     input = torch.randn(2, 3, 10, 13, generator=gen, dtype=torch.float64).to(device, dtype)
     rois = make_rois(gen, 2, 10, 13, spatial_scale, count=8).to(device, dtype)
-    expected, expected_grad, _ = forward_and_grads(
-        lambda x, r, o, *p: torchvision.ops.roi_align(x, r, output_size, spatial_scale, sampling_ratio, aligned=True),
-        input, rois, None, ())
-    actual, actual_grad, _ = forward_and_grads(deform_roi_pool, input, rois, None,
-                                               (output_size, spatial_scale, sampling_ratio))
-    torch.testing.assert_close(actual, expected)
-    torch.testing.assert_close(actual_grad, expected_grad)
+    grad_output = torch.randn((rois.shape[0], 3) + pair(output_size), generator=gen, dtype=torch.float64)
+    expected = evaluate(
+        lambda x, r, o: torchvision.ops.roi_align(x, r, output_size, spatial_scale, sampling_ratio, aligned=True),
+        leaves((input, rois, None), differentiable=GRADS),
+        (),
+        grad_output,
+    )
+    actual = evaluate(
+        deform_roi_pool,
+        leaves((input, rois, None), differentiable=GRADS),
+        (output_size, spatial_scale, sampling_ratio),
+        grad_output,
+    )
+    assert_same_results(actual, expected, ["input"])
 
 
 LOW_PRECISION = [
@@ -335,26 +276,34 @@ LOW_PRECISION = [
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype, eps", LOW_PRECISION)
-@pytest.mark.parametrize("case", case_params([CASES[0], CASES[4]]))
+@pytest.mark.parametrize("case", case_params([ROI_CASES[0], ROI_CASES[4]]))
 def test_low_precision_matches_reference(case, dtype, eps, device, gen):
     """Half types accumulate in float: against the float64 reference on the same (rounded) inputs,
     errors stay at the level of the result's own rounding."""
-    input, rois, offset = (t.to(dtype) for t in case.tensors(gen))
-    grad_output = torch.randn((rois.shape[0], case.channels) + _pair(case.output_size), generator=gen).to(dtype)
-    expected = forward_and_grads(deform_roi_pool_ref, input.double(), rois.double(), offset.double(), case.params,
-                                 grad_output.double())
-    actual = forward_and_grads(deform_roi_pool, input.to(device), rois.to(device), offset.to(device), case.params,
-                               grad_output.to(device))
-    for name, got, want in zip(("output", "grad of input", "grad of offset"), actual, expected):
+    tensors = [t.to(dtype) for t in case.tensors(gen)]
+    grad_output = torch.randn(case.output_shape(tensors[1].shape[0]), generator=gen).to(dtype)
+    output, grads = evaluate(
+        deform_roi_pool, leaves(tensors, device, differentiable=GRADS), case.params, grad_output.to(device)
+    )
+    expected, expected_grads = evaluate(
+        deform_roi_pool_ref,
+        leaves(tensors, dtype=torch.float64, differentiable=GRADS),
+        case.params,
+        grad_output.double(),
+    )
+    for name, got, want in zip(
+        ("output", "grad of input", "grad of offset"), [output] + grads, [expected] + expected_grads
+    ):
         assert got.dtype == dtype
         scale = want.abs().max().item()
-        torch.testing.assert_close(got.cpu().double(), want, rtol=4 * eps, atol=4 * eps * scale,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            got.cpu().double(), want, rtol=4 * eps, atol=4 * eps * scale, msg=lambda m: f"{name}: {m}"
+        )
 
 
 def test_dtype_policy(gen):
     """input and rois follow offset's dtype; without offset rois follow input's (mmcv's policy)."""
-    case = CASES[0]
+    case = ROI_CASES[0]
     input, rois, offset = case.tensors(gen)
     input32 = input.float().requires_grad_()
     output = deform_roi_pool(input32, rois.float(), offset.requires_grad_(), *case.params)
@@ -363,70 +312,70 @@ def test_dtype_policy(gen):
     assert input32.grad.dtype == torch.float32 and offset.grad.dtype == torch.float64
     assert deform_roi_pool(input32, rois, None, *case.params).dtype == torch.float32
     int_rois = torch.tensor([[1, 2, 3, 8, 7]])
-    torch.testing.assert_close(deform_roi_pool(input, int_rois, None, 3),
-                               deform_roi_pool(input, int_rois.double(), None, 3))
+    torch.testing.assert_close(
+        deform_roi_pool(input, int_rois, None, 3), deform_roi_pool(input, int_rois.double(), None, 3)
+    )
 
 
 def test_non_contiguous_inputs(gen):
-    case = CASES[1]
+    case = ROI_CASES[1]
     input, rois, offset = case.tensors(gen)
-    expected = forward_and_grads(deform_roi_pool, input, rois, offset, case.params)
-    strided_input = input.to(memory_format=torch.channels_last)
-    strided_rois = rois.t().contiguous().t()
-    strided_offset = offset.transpose(2, 3).contiguous().transpose(2, 3)
-    assert not (strided_input.is_contiguous() or strided_rois.is_contiguous() or strided_offset.is_contiguous())
-    actual = forward_and_grads(deform_roi_pool, strided_input, strided_rois, strided_offset, case.params)
-    for got, want in zip(actual, expected):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    grad_output = torch.randn(case.output_shape(rois.shape[0]), generator=gen, dtype=torch.float64)
+    expected = evaluate(deform_roi_pool, leaves((input, rois, offset), differentiable=GRADS), case.params, grad_output)
+    strided = leaves(
+        (
+            input.to(memory_format=torch.channels_last),
+            rois.t().contiguous().t(),
+            offset.transpose(2, 3).contiguous().transpose(2, 3),
+        ),
+        differentiable=GRADS,
+    )
+    assert not any(t.is_contiguous() for t in strided)
+    actual = evaluate(deform_roi_pool, strided, case.params, grad_output)
+    assert_same_results(actual, expected, present_names(case, strided), rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------------------------------
 # Determinism and torch.compile
 # --------------------------------------------------------------------------------------------------
 
+
 def test_cpu_backward_is_bitwise_deterministic(gen):
     """Run to run and across thread counts: each gradient element sums in a fixed order."""
     case = RoICase(2, 16, (20, 24), 7, 0.5, 0, "far", count=40)
     input, rois, offset = case.tensors(gen)
     grad_output = torch.randn((rois.shape[0], 16, 7, 7), generator=gen, dtype=torch.float64)
-    threads = torch.get_num_threads()
     runs = []
-    try:
-        for num_threads in (threads, threads, 1, 3):
-            torch.set_num_threads(num_threads)
+    for threads in (torch.get_num_threads(), torch.get_num_threads(), 1, 3):
+        with num_threads(threads):
             runs.append(BACKWARD_OP(grad_output, input, rois, offset, *case.op_params, [True, True]))
-    finally:
-        torch.set_num_threads(threads)
     for run in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
 
 
 def test_torch_compile_aot_eager(gen):
-    case = CASES[4]
-    input, rois, offset = case.tensors(gen)
+    case = ROI_CASES[4]
+    tensors = case.tensors(gen)
 
     def loss(x, r, o):
         return deform_roi_pool(x, r, o, *case.params).square().sum()
 
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
-    expected = forward_and_grads(lambda x, r, o, *p: loss(x, r, o), input, rois, offset, (),
-                                 grad_output=torch.tensor(1.0))
-    actual = forward_and_grads(lambda x, r, o, *p: compiled(x, r, o), input, rois, offset, (),
-                               grad_output=torch.tensor(1.0))
-    for got, want in zip(actual, expected):
-        torch.testing.assert_close(got, want)
+    expected = evaluate(loss, leaves(tensors, differentiable=GRADS), ())
+    actual = evaluate(compiled, leaves(tensors, differentiable=GRADS), ())
+    assert_same_results(actual, expected, present_names(case, tensors))
 
 
 # --------------------------------------------------------------------------------------------------
 # Errors name the argument
 # --------------------------------------------------------------------------------------------------
 
+
 def _rois_with_index(value):
     return torch.tensor([[0, 0.5, 0.5, 3.5, 4.0], [value, 1.0, 0.0, 4.0, 2.0]], dtype=torch.float64)
 
 
-def _raw(input=None, rois=None, offset="zeros", output_size=(2, 2), spatial_scale=1.0, sampling_ratio=0,
-         gamma=0.1):
+def _raw(input=None, rois=None, offset="zeros", output_size=(2, 2), spatial_scale=1.0, sampling_ratio=0, gamma=0.1):
     """A call of the raw forward op on two images, valid but for the argument given."""
     input = torch.randn(2, 3, 5, 5, dtype=torch.float64) if input is None else input
     rois = _rois_with_index(1) if rois is None else rois
@@ -439,16 +388,21 @@ BAD_ARGUMENTS = [
     pytest.param(_raw(input=torch.randn(3, 5, 5, dtype=torch.float64)), "input must be 4-D", id="input-3d"),
     pytest.param(_raw(rois=torch.zeros(2, 4, dtype=torch.float64)), r"rois must have shape \(R, 5\)", id="rois-4-cols"),
     pytest.param(_raw(rois=torch.zeros(5, dtype=torch.float64)), r"rois must have shape \(R, 5\)", id="rois-1d"),
-    pytest.param(_raw(rois=torch.zeros(2, 5, dtype=torch.float32)), "rois must have the dtype of input",
-                 id="rois-dtype"),
+    pytest.param(
+        _raw(rois=torch.zeros(2, 5, dtype=torch.float32)), "rois must have the dtype of input", id="rois-dtype"
+    ),
     pytest.param(_raw(rois=_rois_with_index(2)), r"rois\[:, 0\] must hold batch indices", id="batch-index-too-big"),
     pytest.param(_raw(rois=_rois_with_index(-1)), r"rois\[:, 0\] must hold batch indices", id="batch-index-negative"),
     pytest.param(_raw(rois=_rois_with_index(0.5)), r"rois\[:, 0\] must hold batch indices", id="batch-index-fraction"),
     pytest.param(_raw(rois=_rois_with_index(math.nan)), r"rois\[:, 0\] must hold batch indices", id="batch-index-nan"),
-    pytest.param(_raw(offset=torch.zeros(2, 2, 3, 2, dtype=torch.float64)), "offset must have shape",
-                 id="offset-shape"),
-    pytest.param(_raw(offset=torch.zeros(2, 2, 2, 2, dtype=torch.float32)), "offset must have the dtype of input",
-                 id="offset-dtype"),
+    pytest.param(
+        _raw(offset=torch.zeros(2, 2, 3, 2, dtype=torch.float64)), "offset must have shape", id="offset-shape"
+    ),
+    pytest.param(
+        _raw(offset=torch.zeros(2, 2, 2, 2, dtype=torch.float32)),
+        "offset must have the dtype of input",
+        id="offset-dtype",
+    ),
     pytest.param(_raw(output_size=(0, 2)), "output_size must be >= 1", id="output-size-zero"),
     pytest.param(_raw(output_size=(2, -3), offset=None), "output_size must be >= 1", id="output-size-negative"),
     pytest.param(_raw(spatial_scale=0.0), "spatial_scale must be a positive finite number", id="scale-zero"),
@@ -468,8 +422,7 @@ def test_bad_grad_output_raises():
     input = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     rois = torch.tensor([[0, 0.5, 0.5, 3.5, 4.0]], dtype=torch.float64)
     with pytest.raises(ValueError, match="grad_output must have shape"):
-        BACKWARD_OP(torch.zeros(1, 3, 2, 3, dtype=torch.float64), input, rois, None, [2, 2], 1.0, 0, 0.1,
-                    [True, True])
+        BACKWARD_OP(torch.zeros(1, 3, 2, 3, dtype=torch.float64), input, rois, None, [2, 2], 1.0, 0, 0.1, [True, True])
 
 
 def test_functional_api_argument_errors():
@@ -487,19 +440,18 @@ def test_functional_api_argument_errors():
 # CUDA only
 # --------------------------------------------------------------------------------------------------
 
+
 @requires_cuda
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
-                         ids=["f64", "f32", "f16", "bf16"])
-@pytest.mark.parametrize("case", case_params([CASES[1], CASES[3], CASES[5]]))
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=["f64", "f32", "f16", "bf16"]
+)
+@pytest.mark.parametrize("case", case_params([ROI_CASES[1], ROI_CASES[3], ROI_CASES[5]]))
 def test_cuda_matches_cpu(case, dtype, gen):
-    input, rois, offset = (None if t is None else t.to(dtype) for t in case.tensors(gen))
-    grad_output = torch.randn((rois.shape[0], case.channels) + _pair(case.output_size), generator=gen).to(dtype)
-    on_cpu = forward_and_grads(deform_roi_pool, input, rois, offset, case.params, grad_output)
-    on_cuda = forward_and_grads(deform_roi_pool, input.cuda(), rois.cuda(), None if offset is None else offset.cuda(),
-                                case.params, grad_output.cuda())
-    for got, want in zip(on_cuda, on_cpu):
-        if want is None:
-            continue
+    tensors = [None if t is None else t.to(dtype) for t in case.tensors(gen)]
+    grad_output = torch.randn(case.output_shape(tensors[1].shape[0]), generator=gen).to(dtype)
+    on_cpu = evaluate(deform_roi_pool, leaves(tensors, differentiable=GRADS), case.params, grad_output)
+    on_cuda = evaluate(deform_roi_pool, leaves(tensors, "cuda", differentiable=GRADS), case.params, grad_output.cuda())
+    for got, want in zip([on_cuda[0]] + on_cuda[1], [on_cpu[0]] + on_cpu[1]):
         scale = max(want.abs().max().item(), 1.0)
         tolerance = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
         torch.testing.assert_close(got.cpu().double(), want.double(), rtol=tolerance, atol=tolerance * scale)
@@ -509,8 +461,11 @@ def test_cuda_matches_cpu(case, dtype, gen):
 def test_cuda_invalid_batch_index_pools_to_zero(gen):
     """Documented: CUDA does not sync to validate batch indices; an invalid one pools to 0, no grad."""
     input = torch.randn(2, 3, 5, 5, dtype=torch.float64, device="cuda", requires_grad=True)
-    rois = torch.tensor([[2, 0.5, 0.5, 3.5, 4.0], [math.nan, 0.5, 0.5, 3.5, 4.0], [0.5, 0.5, 0.5, 3.5, 4.0]],
-                        dtype=torch.float64, device="cuda")
+    rois = torch.tensor(
+        [[2, 0.5, 0.5, 3.5, 4.0], [math.nan, 0.5, 0.5, 3.5, 4.0], [0.5, 0.5, 0.5, 3.5, 4.0]],
+        dtype=torch.float64,
+        device="cuda",
+    )
     offset = torch.full((3, 2, 2, 2), 0.1, dtype=torch.float64, device="cuda", requires_grad=True)
     output = deform_roi_pool(input, rois, offset, 2)
     assert output.eq(0).all()
@@ -519,17 +474,22 @@ def test_cuda_invalid_batch_index_pools_to_zero(gen):
 
 
 @requires_cuda
-def test_cuda_backward_alerts_under_deterministic_algorithms(gen):
-    input = torch.randn(1, 3, 5, 5, device="cuda", requires_grad=True)
-    rois = torch.tensor([[0, 0.5, 0.5, 3.5, 4.0]], device="cuda")
-    output = deform_roi_pool(input, rois, None, 2)
+def test_cuda_backward_is_deterministic_under_deterministic_algorithms(gen):
+    """Under torch.use_deterministic_algorithms(True) the backward takes its deterministic path
+    (docs/cuda.md) instead of raising: two runs agree bitwise."""
+    input = torch.randn(1, 9, 5, 5, device="cuda", requires_grad=True)
+    rois = torch.tensor([[0, 0.5, 0.5, 3.5, 4.0], [0, 0.7, 0.2, 3.1, 4.4]], device="cuda")
+    offset = torch.full((2, 2, 2, 2), 0.1, device="cuda", requires_grad=True)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        with pytest.raises(RuntimeError, match="deform_roi_pool_backward"):
-            output.sum().backward()
+        runs = [
+            torch.autograd.grad(deform_roi_pool(input, rois, offset, 2).square().sum(), (input, offset))
+            for _ in range(2)
+        ]
     finally:
         torch.use_deterministic_algorithms(previous)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 def test_double_backward_is_refused_plainly(gen):

@@ -14,9 +14,29 @@ pytest.importorskip("matplotlib")
 
 def test_short_run_writes_every_artefact(tmp_path):
     work, data = tmp_path / "work", tmp_path / "data"
-    cmd = [sys.executable, "-P", "-m", "mmdet_dcnv2.tools.demo", "--work-dir", str(work), "--data-root", str(data),
-           "--num-train", "4", "--num-val", "2", "--epochs", "1", "--batch-size", "2", "--num-vis", "2",
-           "--baseline", "--cfg-options", "default_hooks.logger.interval=1"]
+    cmd = [
+        sys.executable,
+        "-P",
+        "-m",
+        "mmdet_dcnv2.tools.demo",
+        "--work-dir",
+        str(work),
+        "--data-root",
+        str(data),
+        "--num-train",
+        "4",
+        "--num-val",
+        "2",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--num-vis",
+        "2",
+        "--baseline",
+        "--cfg-options",
+        "default_hooks.logger.interval=1",
+    ]
     run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     out = run.stdout + run.stderr
     assert run.returncode == 0, out[-4000:]
@@ -62,9 +82,29 @@ def _free_port():
 def test_two_process_cpu_run_with_torchrun(tmp_path):
     """The README's distributed command: torchrun, 2 CPU processes (gloo), rank 0 writes the artefacts."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "mmdet_dcnv2.tools.demo",
-           "--work-dir", str(tmp_path / "work"), "--data-root", str(tmp_path / "data"), "--num-train", "8",
-           "--num-val", "2", "--epochs", "1", "--batch-size", "2", "--num-vis", "1"]
+    cmd = [
+        torchrun,
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "mmdet_dcnv2.tools.demo",
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--data-root",
+        str(tmp_path / "data"),
+        "--num-train",
+        "8",
+        "--num-val",
+        "2",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--num-vis",
+        "1",
+    ]
     env = dict(os.environ, PYTHONSAFEPATH="1")
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
@@ -88,14 +128,45 @@ def test_mim_train_and_test_find_the_shapes_configs(tmp_path):
     shapes.generate(str(tmp_path / "data" / "shapes"), num_train=4, num_val=2)
     for name in ("faster_rcnn_r50_fpn_shapes.py", "faster_rcnn_r50_fpn_mdconv_c3-c5_shapes.py"):
         work = tmp_path / name[:-3]
-        run = subprocess.run([mim, "train", "mmdet_dcnv2", name, "--gpus", "0", "--work-dir", str(work),
-                              "--cfg-options", "train_cfg.max_epochs=1", "train_dataloader.batch_size=2"],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        run = subprocess.run(
+            [
+                mim,
+                "train",
+                "mmdet_dcnv2",
+                name,
+                "--gpus",
+                "0",
+                "--work-dir",
+                str(work),
+                "--cfg-options",
+                "train_cfg.max_epochs=1",
+                "train_dataloader.batch_size=2",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         out = run.stdout + run.stderr
         assert run.returncode == 0, out[-4000:]
         assert "we find the config file in codebase mmdet_dcnv2" in out and "bbox_mAP_copypaste" in out
-        test = subprocess.run([mim, "test", "mmdet_dcnv2", name, "--gpus", "0", "--checkpoint",
-                               str(work / "epoch_1.pth"), "--work-dir", str(work / "test")],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        test = subprocess.run(
+            [
+                mim,
+                "test",
+                "mmdet_dcnv2",
+                name,
+                "--gpus",
+                "0",
+                "--checkpoint",
+                str(work / "epoch_1.pth"),
+                "--work-dir",
+                str(work / "test"),
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert test.returncode == 0, (test.stdout + test.stderr)[-4000:]
         assert "Epoch(test)" in test.stdout + test.stderr

@@ -68,12 +68,16 @@ MIMIC_CONFIG = os.path.join("dcnv2", "faster_rcnn_r50_fpn_mdconv_c3-c5_mdpool_mi
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("base, options", [
-    ("mmdet::dcnv2/faster-rcnn_r50-mdconv-c3-c5_fpn_1x_coco.py", {}),
-    # R-CNN feature mimicking: a second backbone pass on the crops and a parameter (the R-CNN
-    # classifier) used only by the mimic losses, under DDP without find_unused_parameters.
-    (MIMIC_CONFIG, {"model.roi_head.crop_size": 32, "model.roi_head.num_rois": 4}),
-], ids=["mdconv", "mdconv_mdpool_mimic"])
+@pytest.mark.parametrize(
+    "base, options",
+    [
+        ("mmdet::dcnv2/faster-rcnn_r50-mdconv-c3-c5_fpn_1x_coco.py", {}),
+        # R-CNN feature mimicking: a second backbone pass on the crops and a parameter (the R-CNN
+        # classifier) used only by the mimic losses, under DDP without find_unused_parameters.
+        (MIMIC_CONFIG, {"model.roi_head.crop_size": 32, "model.roi_head.num_rois": 4}),
+    ],
+    ids=["mdconv", "mdconv_mdpool_mimic"],
+)
 def test_two_process_gloo_training_keeps_ranks_in_sync(tmp_path, base, options):
     import torch
 
@@ -86,8 +90,23 @@ def test_two_process_gloo_training_keeps_ranks_in_sync(tmp_path, base, options):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
-    run = subprocess.run([sys.executable, str(script), str(_free_port()), data_root, str(tmp_path / "work"),
-                          str(tmp_path), base, json.dumps(options)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(_free_port()),
+            data_root,
+            str(tmp_path / "work"),
+            str(tmp_path),
+            base,
+            json.dumps(options),
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-4000:]
 
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

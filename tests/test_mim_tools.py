@@ -17,9 +17,8 @@ pytest.importorskip("mim")
 
 from mmengine.config import Config  # noqa: E402
 
-from mmdet_tiny import OUR_CONFIGS, as_cfg_options, make_tiny_coco, tiny_options  # noqa: E402
-
 import mmdet_dcnv2  # noqa: E402
+from mmdet_tiny import OUR_CONFIGS, as_cfg_options, make_tiny_coco, tiny_options  # noqa: E402
 
 MMDET_TOOLS = os.path.join(os.path.dirname(mmdet.__file__), ".mim", "tools")
 MIM = shutil.which("mim", path=os.path.dirname(sys.executable)) or shutil.which("mim")
@@ -43,12 +42,20 @@ def _run(cmd, cwd):
 
 
 def test_configs_ship_in_the_installed_package():
-    assert NAMES == sorted([
-        "faster_rcnn_r50_fpn_mdconv_c3-c5_1x_coco", "faster_rcnn_r50_fpn_mdconv_c3-c5_group4_1x_coco",
-        "faster_rcnn_r50_fpn_mdpool_1x_coco", "mask_rcnn_r50_fpn_mdconv_c3-c5_1x_coco",
-        "mask_rcnn_r50_fpn_fp16_mdconv_c3-c5_1x_coco", "faster_rcnn_r50_fpn_mdconv_c3-c5_mdpool_1x_coco",
-        "mask_rcnn_r50_fpn_mdconv_c3-c5_mdpool_1x_coco", "faster_rcnn_r50_fpn_mdconv_c3-c5_mdpool_mimic_1x_coco",
-        "mask_rcnn_r50_fpn_mdconv_c3-c5_mdpool_mimic_1x_coco", "faster_rcnn_r50_fpn_mimic_1x_coco"])
+    assert NAMES == sorted(
+        [
+            "faster_rcnn_r50_fpn_mdconv_c3-c5_1x_coco",
+            "faster_rcnn_r50_fpn_mdconv_c3-c5_group4_1x_coco",
+            "faster_rcnn_r50_fpn_mdpool_1x_coco",
+            "mask_rcnn_r50_fpn_mdconv_c3-c5_1x_coco",
+            "mask_rcnn_r50_fpn_fp16_mdconv_c3-c5_1x_coco",
+            "faster_rcnn_r50_fpn_mdconv_c3-c5_mdpool_1x_coco",
+            "mask_rcnn_r50_fpn_mdconv_c3-c5_mdpool_1x_coco",
+            "faster_rcnn_r50_fpn_mdconv_c3-c5_mdpool_mimic_1x_coco",
+            "mask_rcnn_r50_fpn_mdconv_c3-c5_mdpool_mimic_1x_coco",
+            "faster_rcnn_r50_fpn_mimic_1x_coco",
+        ]
+    )
     assert os.path.exists(os.path.join(os.path.dirname(mmdet_dcnv2.__file__), ".mim", "tools", "train.py"))
 
 
@@ -60,8 +67,20 @@ def test_mim_search_lists_our_models(tmp_path):
 
 def test_mim_train_mmdet_with_our_config_path(tmp_path, data_root):
     name = "faster_rcnn_r50_fpn_mdconv_c3-c5_1x_coco"
-    out = _run([MIM, "train", "mmdet", os.path.join(OUR_CONFIGS, f"{name}.py"), "--gpus", "0",
-                "--work-dir", str(tmp_path / "work")] + _options(name, data_root), tmp_path)
+    out = _run(
+        [
+            MIM,
+            "train",
+            "mmdet",
+            os.path.join(OUR_CONFIGS, f"{name}.py"),
+            "--gpus",
+            "0",
+            "--work-dir",
+            str(tmp_path / "work"),
+        ]
+        + _options(name, data_root),
+        tmp_path,
+    )
     assert "DCNv2 -> MDConv" in out  # custom_imports loaded the plugin, which said what it overrides
     assert os.path.exists(tmp_path / "work" / "epoch_1.pth")
 
@@ -71,8 +90,11 @@ def paper_checkpoint(tmp_path_factory, data_root):
     """`mim train mmdet_dcnv2 NAME`: the config found by name inside our installed package."""
     tmp_path = tmp_path_factory.mktemp("mim_train_ours")
     name = "faster_rcnn_r50_fpn_mdconv_c3-c5_mdpool_1x_coco"
-    out = _run([MIM, "train", "mmdet_dcnv2", f"{name}.py", "--gpus", "0", "--work-dir", str(tmp_path / "work")]
-               + _options(name, data_root), tmp_path)
+    out = _run(
+        [MIM, "train", "mmdet_dcnv2", f"{name}.py", "--gpus", "0", "--work-dir", str(tmp_path / "work")]
+        + _options(name, data_root),
+        tmp_path,
+    )
     assert "we find the config file in codebase mmdet_dcnv2" in out
     # The paper's 0.1x (of lr 0.02) reached our MDConv's offset convs, not MDPool's fc branches.
     assert "backbone.layer2.0.conv2.conv_offset.weight:lr=0.002" in out
@@ -86,8 +108,22 @@ def test_mim_train_ours_by_name(paper_checkpoint):
 
 def test_mim_test_ours_by_name(tmp_path, data_root, paper_checkpoint):
     name, checkpoint = paper_checkpoint
-    out = _run([MIM, "test", "mmdet_dcnv2", f"{name}.py", "--checkpoint", checkpoint, "--gpus", "0",
-                "--work-dir", str(tmp_path / "test")] + _options(name, data_root), tmp_path)
+    out = _run(
+        [
+            MIM,
+            "test",
+            "mmdet_dcnv2",
+            f"{name}.py",
+            "--checkpoint",
+            checkpoint,
+            "--gpus",
+            "0",
+            "--work-dir",
+            str(tmp_path / "test"),
+        ]
+        + _options(name, data_root),
+        tmp_path,
+    )
     assert "Epoch(test)" in out
 
 
@@ -95,10 +131,22 @@ def test_mmdet_tools_train_and_test(tmp_path, data_root):
     name = "mask_rcnn_r50_fpn_mdconv_c3-c5_1x_coco"
     config = os.path.join(OUR_CONFIGS, f"{name}.py")
     work = str(tmp_path / "work")
-    _run([sys.executable, os.path.join(MMDET_TOOLS, "train.py"), config, "--work-dir", work]
-         + _options(name, data_root), tmp_path)
-    out = _run([sys.executable, os.path.join(MMDET_TOOLS, "test.py"), config, os.path.join(work, "epoch_1.pth"),
-                "--work-dir", str(tmp_path / "test")] + _options(name, data_root), tmp_path)
+    _run(
+        [sys.executable, os.path.join(MMDET_TOOLS, "train.py"), config, "--work-dir", work] + _options(name, data_root),
+        tmp_path,
+    )
+    out = _run(
+        [
+            sys.executable,
+            os.path.join(MMDET_TOOLS, "test.py"),
+            config,
+            os.path.join(work, "epoch_1.pth"),
+            "--work-dir",
+            str(tmp_path / "test"),
+        ]
+        + _options(name, data_root),
+        tmp_path,
+    )
     assert "coco/segm_mAP" in out or "Epoch(test)" in out
 
 

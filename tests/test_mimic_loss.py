@@ -27,20 +27,24 @@ def test_per_roi_loss_is_one_minus_cosine():
     torch.testing.assert_close(loss, torch.tensor(PER_ROI), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("reduction, avg_factor, expected", [
-    ("mean", 2, sum(PER_ROI) / 2),  # the head: a sum per image, averaged over 2 images
-    ("mean", None, sum(PER_ROI) / 3),  # no avg_factor: the mean over RoIs
-    ("sum", None, sum(PER_ROI)),
-    ("sum", 2, sum(PER_ROI)),  # 'sum' ignores avg_factor instead of raising as mmdet's helper would
-])
+@pytest.mark.parametrize(
+    "reduction, avg_factor, expected",
+    [
+        ("mean", 2, sum(PER_ROI) / 2),  # the head: a sum per image, averaged over 2 images
+        ("mean", None, sum(PER_ROI) / 3),  # no avg_factor: the mean over RoIs
+        ("sum", None, sum(PER_ROI)),
+        ("sum", 2, sum(PER_ROI)),  # 'sum' ignores avg_factor instead of raising as mmdet's helper would
+    ],
+)
 def test_reduction_and_weight(reduction, avg_factor, expected):
     loss = CosineMimicLoss(reduction=reduction, loss_weight=0.1)(PRED, TARGET, avg_factor=avg_factor)
     assert loss.item() == pytest.approx(0.1 * expected, rel=1e-6)
 
 
 def test_reduction_override_and_per_roi_weights():
-    loss = CosineMimicLoss(loss_weight=2.0)(PRED, TARGET, weight=torch.tensor([0.0, 1.0, 1.0]),
-                                            reduction_override="sum")
+    loss = CosineMimicLoss(loss_weight=2.0)(
+        PRED, TARGET, weight=torch.tensor([0.0, 1.0, 1.0]), reduction_override="sum"
+    )
     assert loss.item() == pytest.approx(2.0 * PER_ROI[1], rel=1e-6)
 
 
@@ -73,11 +77,16 @@ def _sampling_result(num_pos, num_neg, labels):
     num = num_pos + num_neg
     priors = torch.arange(num, dtype=torch.float32)[:, None].repeat(1, 4) + torch.tensor([0.0, 0.0, 10.0, 10.0])
     gt_inds = torch.cat([torch.arange(num_pos) % len(labels) + 1, torch.zeros(num_neg, dtype=torch.long)])
-    assigned = torch.cat([torch.tensor(labels)[torch.arange(num_pos) % len(labels)],
-                          torch.full((num_neg,), -1)])
+    assigned = torch.cat([torch.tensor(labels)[torch.arange(num_pos) % len(labels)], torch.full((num_neg,), -1)])
     assign = AssignResult(len(labels), gt_inds, torch.ones(num), assigned)
-    return SamplingResult(torch.arange(num_pos), torch.arange(num_pos, num), priors,
-                          priors[:len(labels)], assign, torch.zeros(num, dtype=torch.uint8))
+    return SamplingResult(
+        torch.arange(num_pos),
+        torch.arange(num_pos, num),
+        priors,
+        priors[: len(labels)],
+        assign,
+        torch.zeros(num, dtype=torch.uint8),
+    )
 
 
 RESULTS = [(3, 5, [4, 7]), (0, 4, [2]), (6, 1, [1])]  # (positives, negatives, gt labels) per image
@@ -93,8 +102,9 @@ def test_selection(mimic_on, num_rois):
     starts = [0, 8, 12]
     expected_labels = []
     for image, ((num_pos, num_neg, gt_labels), start) in enumerate(zip(RESULTS, starts)):
-        pool = {"fg": range(num_pos), "bg": range(num_pos, num_pos + num_neg),
-                "all": range(num_pos + num_neg)}[mimic_on]
+        pool = {"fg": range(num_pos), "bg": range(num_pos, num_pos + num_neg), "all": range(num_pos + num_neg)}[
+            mimic_on
+        ]
         mine = [i - start for i in indices.tolist() if start <= i < start + num_pos + num_neg]
         assert len(mine) == min(num_rois, len(pool)), image  # fewer candidates than num_rois: all of them
         assert set(mine) <= set(pool) and len(set(mine)) == len(mine)

@@ -16,10 +16,9 @@ from mmengine.config import Config  # noqa: E402
 from mmengine.runner import Runner, load_checkpoint  # noqa: E402
 from torchvision.ops import roi_align  # noqa: E402
 
-from mmdet_tiny import OUR_CONFIGS, make_tiny_coco, rpn_proposals_in_float32, tiny_config, tiny_options  # noqa: E402
-
 from mmdet_dcnv2.models import MDConv, MDPool, MimicFasterRCNN, MimicMaskRCNN, RCNNMimicRoIHead  # noqa: E402
 from mmdet_dcnv2.models.roi_heads import crop_and_resize, pool_patches, rcnn_mimic_roi_head, shared_fc_features  # noqa: E402,E501
+from mmdet_tiny import OUR_CONFIGS, make_tiny_coco, rpn_proposals_in_float32, tiny_config, tiny_options  # noqa: E402
 
 FASTER = "faster_rcnn_r50_fpn_mdconv_c3-c5_mdpool_mimic_1x_coco"
 MASK = "mask_rcnn_r50_fpn_mdconv_c3-c5_mdpool_mimic_1x_coco"
@@ -43,8 +42,13 @@ def _build(name, seed=0, **extra):
 
 
 def _batch(model, num_items=(2, 1), training=True, boxes=None):
-    packed = demo_mm_inputs(batch_size=len(num_items), image_shapes=[(3, 64, 64), (3, 64, 48)][:len(num_items)],
-                            num_items=list(num_items), num_classes=80, with_mask=True)
+    packed = demo_mm_inputs(
+        batch_size=len(num_items),
+        image_shapes=[(3, 64, 64), (3, 64, 48)][: len(num_items)],
+        num_items=list(num_items),
+        num_classes=80,
+        with_mask=True,
+    )
     if boxes is not None:
         for sample, image_boxes in zip(packed["data_samples"], boxes):
             sample.gt_instances.bboxes = HorizontalBoxes(torch.tensor(image_boxes, dtype=torch.float32))
@@ -253,7 +257,9 @@ def test_crop_and_resize():
     # RoIAlign (aligned), adaptive samples: averaging where shrunk, bilinear where enlarged
     torch.testing.assert_close(crops, roi_align(images, rois, 16, 1.0, 0, aligned=True))
     point = crop_and_resize(images, torch.tensor([[0, 7.0, 9.0, 7.0, 9.0]]), 4)  # widened to 1x1 about its centre
-    torch.testing.assert_close(point, roi_align(images, torch.tensor([[0, 6.5, 8.5, 7.5, 9.5]]), 4, 1.0, 0, aligned=True))
+    torch.testing.assert_close(
+        point, roi_align(images, torch.tensor([[0, 6.5, 8.5, 7.5, 9.5]]), 4, 1.0, 0, aligned=True)
+    )
     assert point.abs().sum() > 0
 
 
@@ -266,7 +272,7 @@ def test_patches_keep_their_own_crop_under_bfloat16_beyond_256_crops(monkeypatch
     def pooled_rows():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             together = pool_patches(extractor, feats, 32)
-            alone = [pool_patches(extractor, tuple(f[i:i + 1] for f in feats), 32) for i in (0, 257, 299)]
+            alone = [pool_patches(extractor, tuple(f[i : i + 1] for f in feats), 32) for i in (0, 257, 299)]
         return together[[0, 257, 299]], torch.cat(alone)
 
     together, alone = pooled_rows()
@@ -279,7 +285,9 @@ def test_patches_keep_their_own_crop_under_bfloat16_beyond_256_crops(monkeypatch
 
 
 def test_a_224_pixel_patch_is_pooled_from_p4():
-    extractor = MODELS.build(Config.fromfile(os.path.join(OUR_CONFIGS, f"{FASTER}.py")).model.roi_head.bbox_roi_extractor)
+    extractor = MODELS.build(
+        Config.fromfile(os.path.join(OUR_CONFIGS, f"{FASTER}.py")).model.roi_head.bbox_roi_extractor
+    )
     assert extractor.map_roi_levels(torch.tensor([[0.0, 0.0, 0.0, 224.0, 224.0]]), 4).tolist() == [2]  # P2..P5
 
 
@@ -290,15 +298,29 @@ def test_shared_fc_features_is_the_feature_the_bbox_head_classifies():
     torch.testing.assert_close(head.fc_cls(shared_fc_features(head, feats)), cls_score)
 
 
-@pytest.mark.parametrize("change, error, message", [
-    ({"model.roi_head.mimic_on": "foreground"}, ValueError, r"mimic_on must be one of \('fg', 'bg', 'all'\)"),
-    ({"model.roi_head.num_rois": 0}, ValueError, "num_rois must be a positive int, got 0"),
-    ({"model.roi_head.crop_size": 224.0}, ValueError, "crop_size must be a positive int, got 224.0"),
-    ({"model.roi_head.bbox_head.type": "ConvFCBBoxHead", "model.roi_head.bbox_head.num_shared_fcs": 0,
-      "model.roi_head.bbox_head.num_cls_fcs": 1, "model.roi_head.bbox_head.num_reg_fcs": 1},
-     ValueError, "bbox_head must be a ConvFCBBoxHead with shared fcs"),
-    ({"model.roi_head.type": "StandardRoIHead"}, TypeError, r"roi_head must be an RCNNMimicRoIHead.*use FasterRCNN"),
-])
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        ({"model.roi_head.mimic_on": "foreground"}, ValueError, r"mimic_on must be one of \('fg', 'bg', 'all'\)"),
+        ({"model.roi_head.num_rois": 0}, ValueError, "num_rois must be a positive int, got 0"),
+        ({"model.roi_head.crop_size": 224.0}, ValueError, "crop_size must be a positive int, got 224.0"),
+        (
+            {
+                "model.roi_head.bbox_head.type": "ConvFCBBoxHead",
+                "model.roi_head.bbox_head.num_shared_fcs": 0,
+                "model.roi_head.bbox_head.num_cls_fcs": 1,
+                "model.roi_head.bbox_head.num_reg_fcs": 1,
+            },
+            ValueError,
+            "bbox_head must be a ConvFCBBoxHead with shared fcs",
+        ),
+        (
+            {"model.roi_head.type": "StandardRoIHead"},
+            TypeError,
+            r"roi_head must be an RCNNMimicRoIHead.*use FasterRCNN",
+        ),
+    ],
+)
 def test_bad_config_fails_at_build_time(change, error, message):
     cfg = _cfg(FASTER, **change)
     if change.get("model.roi_head.type") == "StandardRoIHead":

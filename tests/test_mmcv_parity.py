@@ -4,15 +4,14 @@ machine with torch alone, say)."""
 
 import pytest
 import torch
-from conftest import ConvCase, conv_case_params
+
+from cases import ConvCase, assert_same_results, case_params, evaluate, leaves, present_names
 
 mmcv = pytest.importorskip("mmcv")
 mmcv_ops = pytest.importorskip("mmcv.ops")
 mmcv_mdconv = mmcv_ops.modulated_deform_conv2d
 
 from mmdet_dcnv2.ops import modulated_deform_conv2d  # noqa: E402
-
-NAMES = ("input", "offset", "mask", "weight", "bias")
 
 CASES = [
     ConvCase(n=2, cin=4, cout=4, size=6, offsets="far"),
@@ -22,30 +21,22 @@ CASES = [
 ]
 
 
-def _run(fn, tensors, params, grad_output):
-    leaves = [None if t is None else t.detach().clone().contiguous().requires_grad_() for t in tensors]
-    output = fn(*leaves, *params)
-    grads = torch.autograd.grad(output, [t for t in leaves if t is not None], grad_output)
-    return output, grads
-
-
 def _compare(case, tensors, gen, **tolerances):
     grad_output = torch.randn((case.n, case.cout) + case.out_size, generator=gen).to(tensors[0].dtype)
-    ours = _run(modulated_deform_conv2d, tensors, case.params, grad_output)
-    theirs = _run(mmcv_mdconv, tensors, case.params, grad_output)
-    torch.testing.assert_close(ours[0], theirs[0], **tolerances)
-    present = [name for name, t in zip(NAMES, tensors) if t is not None]
-    for name, a, b in zip(present, ours[1], theirs[1]):
-        torch.testing.assert_close(a, b, **tolerances, msg=lambda m, name=name: f"grad of {name}: {m}")
+    ours = evaluate(modulated_deform_conv2d, leaves(tensors), case.params, grad_output)
+    theirs = evaluate(mmcv_mdconv, leaves(tensors), case.params, grad_output)
+    assert_same_results(ours, theirs, present_names(case, tensors), **tolerances)
 
 
 # float32 (what mmcv's models run in): sums of <= 36 O(1) products, summed in another order.
-DTYPES = [pytest.param(torch.float32, {"rtol": 1e-4, "atol": 1e-4}, id="float32"),
-          pytest.param(torch.float64, {}, id="float64")]
+DTYPES = [
+    pytest.param(torch.float32, {"rtol": 1e-4, "atol": 1e-4}, id="float32"),
+    pytest.param(torch.float64, {}, id="float64"),
+]
 
 
 @pytest.mark.parametrize("dtype, tolerances", DTYPES)
-@pytest.mark.parametrize("case", conv_case_params(CASES))
+@pytest.mark.parametrize("case", case_params(CASES))
 def test_matches_mmcv(case, dtype, tolerances, gen):
     """Random finite offsets (half of the samples far outside the map for the 'far' cases)."""
     _compare(case, case.tensors(gen, dtype), gen, **tolerances)
@@ -53,10 +44,15 @@ def test_matches_mmcv(case, dtype, tolerances, gen):
 
 @pytest.mark.parametrize("dtype, tolerances", DTYPES)
 @pytest.mark.parametrize("offsets", ["zero", "integer"])
-@pytest.mark.parametrize("case", conv_case_params([
-    ConvCase(n=2, cin=4, cout=6, size=7, deform_groups=2),
-    ConvCase(n=2, cin=4, cout=4, size=7, groups=2, deform_groups=2, stride=2, bias=False),
-]))
+@pytest.mark.parametrize(
+    "case",
+    case_params(
+        [
+            ConvCase(n=2, cin=4, cout=6, size=7, deform_groups=2),
+            ConvCase(n=2, cin=4, cout=4, size=7, groups=2, deform_groups=2, stride=2, bias=False),
+        ]
+    ),
+)
 def test_matches_mmcv_on_integer_offsets(case, offsets, dtype, tolerances, gen):
     """At integer sample coordinates bilinear interpolation has no derivative; mmcv returns the
     one-sided (right) derivative and zero at y or x = -1 exactly. Zero offsets are every DCN layer's

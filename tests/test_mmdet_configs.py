@@ -15,9 +15,8 @@ from mmdet.testing import demo_mm_inputs  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.optim import build_optim_wrapper  # noqa: E402
 
-from mmdet_tiny import OUR_CONFIGS, rpn_proposals_in_float32, tiny_config, tiny_model_options, write_config  # noqa: E402,E501
-
 from mmdet_dcnv2.models import MDConv, MDPool  # noqa: E402
+from mmdet_tiny import OUR_CONFIGS, rpn_proposals_in_float32, tiny_config, tiny_model_options, write_config  # noqa: E402,E501
 
 PAPER = ["faster_rcnn_r50_fpn_mdconv_c3-c5_mdpool_1x_coco", "mask_rcnn_r50_fpn_mdconv_c3-c5_mdpool_1x_coco"]
 
@@ -26,8 +25,7 @@ pytestmark = pytest.mark.usefixtures("mmdet_scope")
 
 
 def _step(model, autocast=False):
-    packed = demo_mm_inputs(batch_size=2, image_shapes=[(3, 64, 64), (3, 64, 48)], num_items=[2, 1],
-                            with_mask=True)
+    packed = demo_mm_inputs(batch_size=2, image_shapes=[(3, 64, 64), (3, 64, 48)], num_items=[2, 1], with_mask=True)
     model.train()
     data = model.data_preprocessor(packed, True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -45,7 +43,7 @@ def test_every_config_states_the_stock_file_it_inherits():
         if base.startswith("./"):  # a variant of one of ours, which states its stock file in turn
             assert os.path.exists(os.path.join(OUR_CONFIGS, base)) and f"Inherits: {base}" in text, path
         else:
-            assert base.startswith("mmdet::") and f"Inherits: mmdet {base[len('mmdet::'):]}" in text, path
+            assert base.startswith("mmdet::") and f"Inherits: mmdet {base[len('mmdet::') :]}" in text, path
         assert "custom_imports = dict(imports=['mmdet_dcnv2'], allow_failed_imports=False)" in text
 
 
@@ -92,12 +90,22 @@ def test_paper_mask_rcnn_trains_a_step_under_cpu_autocast_bfloat16():
     assert model.roi_head.mask_roi_extractor.roi_layers[0].offset_fc[4].weight.grad is not None
 
 
-@pytest.mark.parametrize("change, error, message", [
-    ({"model.backbone.dcn.type": "NoSuchDCN"}, KeyError, "in registry under scope name mmdet"),
-    ({"model.backbone.dcn.deform_groups": 3}, ValueError, r"in_channels \(16\) must be divisible by deform_groups \(3\)"),
-    ({"model.roi_head.bbox_roi_extractor.roi_layer.output_channels": 256}, ValueError,
-     "output_channels=256 but the extractor's out_channels is 32"),
-])
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        ({"model.backbone.dcn.type": "NoSuchDCN"}, KeyError, "in registry under scope name mmdet"),
+        (
+            {"model.backbone.dcn.deform_groups": 3},
+            ValueError,
+            r"in_channels \(16\) must be divisible by deform_groups \(3\)",
+        ),
+        (
+            {"model.roi_head.bbox_roi_extractor.roi_layer.output_channels": 256},
+            ValueError,
+            "output_channels=256 but the extractor's out_channels is 32",
+        ),
+    ],
+)
 def test_bad_config_input_fails_at_build_time(change, error, message):
     cfg = tiny_config(PAPER[0], **change)
     with pytest.raises(error, match=message):
@@ -106,8 +114,9 @@ def test_bad_config_input_fails_at_build_time(change, error, message):
 
 def test_a_user_config_without_our_names_still_gets_the_zoo_on_our_kernels(tmp_path):
     """The README's first recipe: an existing config plus custom_imports."""
-    cfg = Config.fromfile(write_config(str(tmp_path / "mine.py"),
-                                       "mmdet::dcnv2/faster-rcnn_r50-mdconv-c3-c5_fpn_1x_coco.py"))
+    cfg = Config.fromfile(
+        write_config(str(tmp_path / "mine.py"), "mmdet::dcnv2/faster-rcnn_r50-mdconv-c3-c5_fpn_1x_coco.py")
+    )
     cfg.merge_from_dict(tiny_model_options(cfg))
     model = MODELS.build(cfg.model)
     assert type(model.backbone.layer4[2].conv2) is MDConv

@@ -51,9 +51,14 @@ def test_mdconv_is_mmcv_modulated_deform_conv_pack(case):
     torch.manual_seed(0)
     cin, cout, k, s, p, d, g, dg = case
     ours = MDConv(cin, cout, k, stride=s, padding=p, dilation=d, groups=g, deform_groups=dg)
-    theirs = mmcv_ops.ModulatedDeformConv2dPack(cin, cout, k, stride=s, padding=p, dilation=d, groups=g,
-                                                deform_groups=dg)
-    assert ours.conv_offset.out_channels == theirs.conv_offset.out_channels == 3 * dg * ours.kernel_size[0] * ours.kernel_size[1]
+    theirs = mmcv_ops.ModulatedDeformConv2dPack(
+        cin, cout, k, stride=s, padding=p, dilation=d, groups=g, deform_groups=dg
+    )
+    assert (
+        ours.conv_offset.out_channels
+        == theirs.conv_offset.out_channels
+        == 3 * dg * ours.kernel_size[0] * ours.kernel_size[1]
+    )
     _compare_with_mmcv(ours, theirs, cin)
 
 
@@ -71,11 +76,21 @@ def test_dconv_is_mmcv_deform_conv_pack(case):
 def test_offset_conv_starts_at_zero_in_conv_module(cls):
     # ConvModule reads nn.Conv2d's attributes from its conv and, seeing init_weights, leaves it alone.
     with DefaultScope.overwrite_default_scope("mmdet"):
-        module = ConvModule(8, 8, 3, padding=1, conv_cfg=dict(type=cls.__name__),
-                            norm_cfg=dict(type="GN", num_groups=4))
+        module = ConvModule(
+            8, 8, 3, padding=1, conv_cfg=dict(type=cls.__name__), norm_cfg=dict(type="GN", num_groups=4)
+        )
     assert type(module.conv) is cls and module.conv.bias is None  # bias='auto' with a norm layer
-    for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "transposed",
-                 "output_padding", "groups"):
+    for name in (
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "transposed",
+        "output_padding",
+        "groups",
+    ):
         assert hasattr(module.conv, name), name
     assert not module.conv.conv_offset.weight.any() and not module.conv.conv_offset.bias.any()
     assert module(torch.randn(1, 8, 6, 6)).shape == (1, 8, 6, 6)
@@ -105,11 +120,17 @@ def test_deformable_groups_alias_is_accepted_with_a_deprecation_warning():
     assert any(issubclass(w.category, DeprecationWarning) and "deformable_groups" in str(w.message) for w in caught)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(in_channels=6, out_channels=8, deform_groups=4), r"in_channels \(6\) must be divisible by deform_groups \(4\)"),
-    (dict(in_channels=8, out_channels=6, groups=4), r"out_channels \(6\) must be divisible by groups \(4\)"),
-    (dict(in_channels=8, out_channels=8, deform_groups=0), r"deform_groups \(0\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            dict(in_channels=6, out_channels=8, deform_groups=4),
+            r"in_channels \(6\) must be divisible by deform_groups \(4\)",
+        ),
+        (dict(in_channels=8, out_channels=6, groups=4), r"out_channels \(6\) must be divisible by groups \(4\)"),
+        (dict(in_channels=8, out_channels=8, deform_groups=0), r"deform_groups \(0\)"),
+    ],
+)
 @pytest.mark.parametrize("cls", [MDConv, DConv])
 def test_bad_channel_splits_fail_at_build_time(cls, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -131,12 +152,14 @@ def test_mdconv_under_cpu_autocast_runs_in_bfloat16():
 
 # --- RoI pooling --------------------------------------------------------------------------------
 
+
 def _rois():
     return torch.tensor([[0, 2.0, 3.0, 30.0, 25.0], [1, 10.5, 4.0, 20.0, 31.0], [0, 0.0, 0.0, 31.0, 31.0]])
 
 
-@pytest.mark.parametrize("ours_cls, theirs_cls", [(MDPool, mmcv_ops.ModulatedDeformRoIPoolPack),
-                                                  (DPool, mmcv_ops.DeformRoIPoolPack)])
+@pytest.mark.parametrize(
+    "ours_cls, theirs_cls", [(MDPool, mmcv_ops.ModulatedDeformRoIPoolPack), (DPool, mmcv_ops.DeformRoIPoolPack)]
+)
 def test_deform_roi_pool_packs_have_mmcv_keys_and_init(ours_cls, theirs_cls):
     ours = ours_cls(output_size=7, output_channels=4, deform_fc_channels=16, spatial_scale=0.5)
     theirs = theirs_cls(output_size=7, output_channels=4, deform_fc_channels=16, spatial_scale=0.5)
@@ -176,6 +199,7 @@ def test_mdpool_rejects_a_feature_map_with_other_channels():
 
 def test_mdpool_sizes_stated_in_the_docs():
     """The parameter counts the README quotes for mmdet's 256-channel, 1024-unit MDPool."""
+
     def count(output_size):
         shapes = MDPool(output_size, 256).state_dict()
         return sum(v.numel() for v in shapes.values())

@@ -19,8 +19,9 @@ PARAMWISE = dict(dcn_offset_lr_mult=0.1, bias_lr_mult=2.0, bias_decay_mult=0.0, 
 
 def _model(mdconv, dconv):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), mdconv(8, 8, 3, bias=True), dconv(8, 8, 3),
-                         MDPool(7, 8, 16))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), mdconv(8, 8, 3, bias=True), dconv(8, 8, 3), MDPool(7, 8, 16)
+    )
 
 
 def _settings(constructor, model):
@@ -31,9 +32,13 @@ def _settings(constructor, model):
 
 def test_same_param_groups_as_mmengine_gives_mmcv_layers():
     ours = _settings(DCNv2OptimWrapperConstructor, _model(MDConv, DConv))
-    mmcv = _settings(DefaultOptimWrapperConstructor, _model(mmcv_ops.ModulatedDeformConv2dPack, mmcv_ops.DeformConv2dPack))
+    mmcv = _settings(
+        DefaultOptimWrapperConstructor, _model(mmcv_ops.ModulatedDeformConv2dPack, mmcv_ops.DeformConv2dPack)
+    )
     assert ours == mmcv
-    assert ours["2.conv_offset.weight"][0] == pytest.approx(0.001) and ours["3.conv_offset.bias"][0] == pytest.approx(0.001)
+    assert ours["2.conv_offset.weight"][0] == pytest.approx(0.001) and ours["3.conv_offset.bias"][0] == pytest.approx(
+        0.001
+    )
     assert ours["4.offset_fc.0.weight"][0] == pytest.approx(0.01)  # MDPool's fc branches keep the normal rate
 
 

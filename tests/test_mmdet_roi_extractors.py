@@ -18,8 +18,11 @@ pytestmark = pytest.mark.usefixtures("mmdet_scope")
 
 
 def _extractor(roi_layer, out_channels=8, **kwargs):
-    return MODELS.build(dict(type="SingleRoIExtractor", roi_layer=roi_layer, out_channels=out_channels,
-                             featmap_strides=STRIDES, **kwargs))
+    return MODELS.build(
+        dict(
+            type="SingleRoIExtractor", roi_layer=roi_layer, out_channels=out_channels, featmap_strides=STRIDES, **kwargs
+        )
+    )
 
 
 def _feats_and_rois():
@@ -34,8 +37,15 @@ def test_stock_extractor_names_resolve_to_ours():
     assert MODELS.get("GenericRoIExtractor") is RegistryGenericRoIExtractor
 
 
-@pytest.mark.parametrize("layer_type, expected", [("ModulatedDeformRoIPoolPack", MDPool), ("MDPool", MDPool),
-                                                  ("RoIAlign", mmcv_ops.RoIAlign), ("RoIPool", mmcv_ops.RoIPool)])
+@pytest.mark.parametrize(
+    "layer_type, expected",
+    [
+        ("ModulatedDeformRoIPoolPack", MDPool),
+        ("MDPool", MDPool),
+        ("RoIAlign", mmcv_ops.RoIAlign),
+        ("RoIPool", mmcv_ops.RoIPool),
+    ],
+)
 def test_roi_layer_types_resolve_registry_first_then_mmcv_ops(layer_type, expected):
     cfg = dict(type=layer_type, output_size=7)
     if expected is MDPool:
@@ -49,10 +59,15 @@ def test_roi_layer_types_resolve_registry_first_then_mmcv_ops(layer_type, expect
 
 
 def test_generic_extractor_takes_our_pool():
-    extractor = MODELS.build(dict(type="GenericRoIExtractor", aggregation="sum", out_channels=8,
-                                  featmap_strides=STRIDES,
-                                  roi_layer=dict(type="MDPool", output_size=7, output_channels=8,
-                                                 deform_fc_channels=16)))
+    extractor = MODELS.build(
+        dict(
+            type="GenericRoIExtractor",
+            aggregation="sum",
+            out_channels=8,
+            featmap_strides=STRIDES,
+            roi_layer=dict(type="MDPool", output_size=7, output_channels=8, deform_fc_channels=16),
+        )
+    )
     feats, rois = _feats_and_rois()
     assert extractor(feats, rois).shape == (3, 8, 7, 7)
 

@@ -2,10 +2,7 @@
 builds our layers where the registry builds them and trains a step on CPU; with the opt-out,
 mmcv's layers are built instead."""
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,9 +15,9 @@ from mmdet.testing import demo_mm_inputs  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.logging import MessageHub  # noqa: E402
 
-from mmdet_tiny import write_config  # noqa: E402
-
+from mmdet_dcnv2 import registry_overrides  # noqa: E402
 from mmdet_dcnv2.models import DConv, DPool, MDConv, MDPool  # noqa: E402
+from mmdet_tiny import write_config  # noqa: E402
 
 MMDET_CONFIGS = os.path.join(os.path.dirname(mmdet.__file__), ".mim", "configs")
 
@@ -42,14 +39,31 @@ STOCK_DCNV2_CONFIGS = {
     "solov2/solov2_x101-dcn_fpn_ms-3x_coco.py": (),
     "tood/tood_r101-dconv-c3-c5_fpn_ms-2x_coco.py": (),  # TOODHead's deform_conv2d is functional
     "tood/tood_x101-64x4d-dconv-c4-c5_fpn_ms-2x_coco.py": (),
-    "vfnet/vfnet_r101-mdconv-c3-c5_fpn_ms-2x_coco.py": ("bbox_head.vfnet_reg_refine_dconv", "bbox_head.vfnet_cls_dconv"),
+    "vfnet/vfnet_r101-mdconv-c3-c5_fpn_ms-2x_coco.py": (
+        "bbox_head.vfnet_reg_refine_dconv",
+        "bbox_head.vfnet_cls_dconv",
+    ),
     "vfnet/vfnet_r50-mdconv-c3-c5_fpn_ms-2x_coco.py": ("bbox_head.vfnet_reg_refine_dconv", "bbox_head.vfnet_cls_dconv"),
-    "vfnet/vfnet_res2net101-mdconv-c3-c5_fpn_ms-2x_coco.py": ("bbox_head.vfnet_reg_refine_dconv", "bbox_head.vfnet_cls_dconv"),
-    "vfnet/vfnet_x101-32x4d-mdconv-c3-c5_fpn_ms-2x_coco.py": ("bbox_head.vfnet_reg_refine_dconv", "bbox_head.vfnet_cls_dconv"),
-    "vfnet/vfnet_x101-64x4d-mdconv-c3-c5_fpn_ms-2x_coco.py": ("bbox_head.vfnet_reg_refine_dconv", "bbox_head.vfnet_cls_dconv"),
+    "vfnet/vfnet_res2net101-mdconv-c3-c5_fpn_ms-2x_coco.py": (
+        "bbox_head.vfnet_reg_refine_dconv",
+        "bbox_head.vfnet_cls_dconv",
+    ),
+    "vfnet/vfnet_x101-32x4d-mdconv-c3-c5_fpn_ms-2x_coco.py": (
+        "bbox_head.vfnet_reg_refine_dconv",
+        "bbox_head.vfnet_cls_dconv",
+    ),
+    "vfnet/vfnet_x101-64x4d-mdconv-c3-c5_fpn_ms-2x_coco.py": (
+        "bbox_head.vfnet_reg_refine_dconv",
+        "bbox_head.vfnet_cls_dconv",
+    ),
 }
-MMCV_DEFORMABLE = (mmcv_ops.DeformConv2d, mmcv_ops.ModulatedDeformConv2d, mmcv_ops.DeformRoIPool,
-                   mmcv_ops.DeformRoIPoolPack, mmcv_ops.ModulatedDeformRoIPoolPack)
+MMCV_DEFORMABLE = (
+    mmcv_ops.DeformConv2d,
+    mmcv_ops.ModulatedDeformConv2d,
+    mmcv_ops.DeformRoIPool,
+    mmcv_ops.DeformRoIPoolPack,
+    mmcv_ops.ModulatedDeformRoIPoolPack,
+)
 OURS = (MDConv, DConv, MDPool, DPool)
 
 
@@ -101,35 +115,28 @@ def test_stock_dpool_config_builds_dpool(tmp_path):
     assert all(type(layer) is DPool for layer in model.roi_head.bbox_roi_extractor.roi_layers)
 
 
-_OPT_OUT_SCRIPT = r"""
-import json, sys
-import mmdet_dcnv2  # as custom_imports would
-from mmdet.registry import MODELS
-from mmdet.utils import register_all_modules
-from mmengine.config import Config
-register_all_modules(init_default_scope=True)
-out = {}
-for name, path in json.loads(sys.argv[1]).items():
-    cfg = Config.fromfile(path)
-    cfg.model.backbone.init_cfg = None
-    model = MODELS.build(cfg.model)
-    out[name] = sorted({type(m).__module__ + '.' + type(m).__name__ for m in model.modules()
-                        if 'Deform' in type(m).__name__ or type(m).__name__ in ('MDConv', 'DConv', 'MDPool', 'DPool')})
-out['MDConv registered'] = MODELS.get('MDConv') is not None
-print(json.dumps(out))
-"""
-
-
-def test_opt_out_keeps_mmcv_layers(tmp_path):
-    stock = {"mdconv": "dcnv2/faster-rcnn_r50-mdconv-c3-c5_fpn_1x_coco.py",
-             "mdpool": "dcnv2/faster-rcnn_r50_fpn_mdpool_1x_coco.py"}
-    paths = {k: write_config(str(tmp_path / f"{k}.py"), os.path.join(MMDET_CONFIGS, v)) for k, v in stock.items()}
-    env = dict(os.environ, MMDET_DCNV2_OVERRIDE="0")
-    run = subprocess.run([sys.executable, "-c", _OPT_OUT_SCRIPT, json.dumps(paths)], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    out = json.loads(run.stdout.strip().splitlines()[-1])
-    assert out["mdconv"] == ["mmcv.ops.modulated_deform_conv.ModulatedDeformConv2dPack"]
-    assert out["mdpool"] == ["mmcv.ops.deform_roi_pool.ModulatedDeformRoIPoolPack"]
-    assert out["MDConv registered"]
-    assert "MMDET_DCNV2_OVERRIDE=0" in run.stdout + run.stderr  # the opt-out is logged too
+def test_opt_out_keeps_mmcv_layers(tmp_path, monkeypatch):
+    """MMDET_DCNV2_OVERRIDE=0 at import leaves mmdet's registry alone: stock configs build mmcv's layers."""
+    logged = []
+    monkeypatch.setattr(registry_overrides, "print_log", lambda message, **kwargs: logged.append(message))
+    monkeypatch.setenv(registry_overrides.OVERRIDE_ENV, "0")
+    with registry_overrides.overridden(False):  # the registry as a fresh process has it before our import
+        assert registry_overrides.apply_from_environment() == {}  # what `import mmdet_dcnv2` runs
+        assert not registry_overrides.is_applied()
+        built = {}
+        for key, stock in {
+            "mdconv": "dcnv2/faster-rcnn_r50-mdconv-c3-c5_fpn_1x_coco.py",
+            "mdpool": "dcnv2/faster-rcnn_r50_fpn_mdpool_1x_coco.py",
+        }.items():
+            model = MODELS.build(_load(tmp_path, stock).model)
+            built[key] = sorted(
+                {
+                    type(m).__module__ + "." + type(m).__name__
+                    for m in model.modules()
+                    if isinstance(m, MMCV_DEFORMABLE + OURS)
+                }
+            )
+        assert MODELS.get("MDConv") is MDConv  # our own names stay registered
+    assert built["mdconv"] == ["mmcv.ops.modulated_deform_conv.ModulatedDeformConv2dPack"]
+    assert built["mdpool"] == ["mmcv.ops.deform_roi_pool.ModulatedDeformRoIPoolPack"]
+    assert any(f"{registry_overrides.OVERRIDE_ENV}=0" in message for message in logged)  # the opt-out is logged

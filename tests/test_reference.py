@@ -6,21 +6,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.ops
-from conftest import CONV_CASES, ConvCase, conv_case_params, uniform
-from reference import deform_roi_pool_ref, modulated_deform_conv2d_ref
+
+from cases import (
+    CONV_CASES,
+    ConvCase,
+    assert_same_results,
+    case_params,
+    corner_row,
+    evaluate,
+    leaves,
+    make_rois,
+    present_names,
+    uniform,
+)
+from reference import deform_roi_pool_ref, modulated_deform_conv2d_ref, pair
 
 
 def _torchvision_conv(case, input, offset, mask, weight, bias):
     stride, padding, dilation, _, _ = case.params
-    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
     # torchvision infers groups and deform_groups from the weight and offset shapes.
     return torchvision.ops.deform_conv2d(input, offset, weight, bias, pair(stride), pair(padding), pair(dilation), mask)
-
-
-def _grads(output, inputs, grad_output):
-    wanted = [t for t in inputs if t is not None]
-    grads = torch.autograd.grad(output, wanted, grad_output, allow_unused=True)
-    return [torch.zeros_like(t) if g is None else g for t, g in zip(wanted, grads)]
 
 
 # torchvision has no empty-batch support in some versions and, like us, does not define gradients
@@ -31,29 +36,34 @@ TORCHVISION_CASES = [case for case in CONV_CASES if case.n > 0] + [
 ]
 
 
-@pytest.mark.parametrize("case", conv_case_params(TORCHVISION_CASES))
+@pytest.mark.parametrize("case", case_params(TORCHVISION_CASES))
 def test_conv_reference_matches_torchvision(case, gen):
     """Forward and all five gradients equal torchvision's deform_conv2d (float64)."""
-    tensors = [None if t is None else t.requires_grad_() for t in case.tensors(gen)]
-    expected = _torchvision_conv(case, *tensors)
-    actual = modulated_deform_conv2d_ref(*tensors, *case.params)
-    torch.testing.assert_close(actual, expected)
-    if case.offsets == "smooth":
-        return  # arbitrary offsets may sit on a kink of the interpolation: forward only
-    grad_output = torch.randn(expected.shape, generator=gen, dtype=expected.dtype)
-    for name, a, e in zip(("input", "offset", "mask", "weight", "bias"),
-                          _grads(actual, tensors, grad_output), _grads(expected, tensors, grad_output)):
-        torch.testing.assert_close(a, e, msg=lambda m, name=name: f"grad {name}: {m}")
+    tensors = case.tensors(gen)
+    if case.offsets == "smooth":  # arbitrary offsets may sit on a kink of the interpolation: forward only
+        torch.testing.assert_close(
+            modulated_deform_conv2d_ref(*tensors, *case.params), _torchvision_conv(case, *tensors)
+        )
+        return
+    grad_output = torch.randn((case.n, case.cout) + case.out_size, generator=gen, dtype=torch.float64)
+    assert_same_results(
+        evaluate(modulated_deform_conv2d_ref, leaves(tensors), case.params, grad_output),
+        evaluate(lambda *t: _torchvision_conv(case, *t), leaves(tensors), (), grad_output),
+        present_names(case, tensors),
+    )
 
 
-@pytest.mark.parametrize("where, nonzero", [
-    pytest.param(-1.0, False, id="y=-1"),
-    pytest.param(-1.0 + 1e-3, True, id="y=-1+eps"),
-    pytest.param(5.0, False, id="y=H"),
-    pytest.param(5.0 - 1e-3, True, id="y=H-eps"),
-    pytest.param(1e3, False, id="y=1e3"),
-    pytest.param(-1e6, False, id="y=-1e6"),
-])
+@pytest.mark.parametrize(
+    "where, nonzero",
+    [
+        pytest.param(-1.0, False, id="y=-1"),
+        pytest.param(-1.0 + 1e-3, True, id="y=-1+eps"),
+        pytest.param(5.0, False, id="y=H"),
+        pytest.param(5.0 - 1e-3, True, id="y=H-eps"),
+        pytest.param(1e3, False, id="y=1e3"),
+        pytest.param(-1e6, False, id="y=-1e6"),
+    ],
+)
 def test_conv_reference_border(where, nonzero, gen):
     """A sample is valid iff -1 < y < H (strictly): put every sample's row at ``where`` on a 5x5
     map. Invalid everywhere leaves the bias alone; just inside, one corner contributes a little."""
@@ -63,13 +73,16 @@ def test_conv_reference_border(where, nonzero, gen):
     taps_row = (torch.arange(case.taps) // case.kernel[1]).repeat(case.deform_groups).view(1, -1, 1, 1)
     # undeformed row of a sample = i * stride - padding + a * dilation = i - 1 + a
     offset[:, 0::2] = where - (rows - 1 + taps_row)
-    tensors = [t.requires_grad_() for t in (input, offset, mask, weight, bias)]
-    output = modulated_deform_conv2d_ref(*tensors, *case.params)
-    expected = torchvision.ops.deform_conv2d(input, offset, weight, bias, padding=(1, 1), mask=mask)
+    tensors = leaves((input, offset, mask, weight, bias))
+    grad_output = torch.randn((case.n, case.cout) + case.out_size, generator=gen, dtype=torch.float64)
+    output, actual_grads = evaluate(modulated_deform_conv2d_ref, tensors, case.params, grad_output)
+    expected, expected_grads = evaluate(
+        lambda x, o, m, w, b: torchvision.ops.deform_conv2d(x, o, w, b, padding=(1, 1), mask=m),
+        tensors,
+        (),
+        grad_output,
+    )
     torch.testing.assert_close(output, expected)
-    grad_output = torch.randn(output.shape, generator=gen, dtype=output.dtype)
-    actual_grads = _grads(output, tensors, grad_output)
-    expected_grads = _grads(expected, tensors, grad_output)
     if where == -1.0:
         # y = -1 is a kink: the value is 0 there and to its left, but its right derivative is not.
         # mmcv (whose behaviour we keep) applies its strict validity test to the gradient too and
@@ -86,13 +99,24 @@ def test_conv_reference_border(where, nonzero, gen):
 def test_conv_reference_zero_offset_is_conv2d(gen):
     """With zero offsets and a mask of ones the operator is an ordinary (grouped, strided, dilated)
     convolution: an anchor that does not depend on torchvision."""
-    case = ConvCase(n=2, cin=4, cout=6, size=(7, 6), kernel=(3, 2), stride=(2, 1), padding=(2, 1), dilation=(1, 2),
-                    groups=2, deform_groups=2)
+    case = ConvCase(
+        n=2,
+        cin=4,
+        cout=6,
+        size=(7, 6),
+        kernel=(3, 2),
+        stride=(2, 1),
+        padding=(2, 1),
+        dilation=(1, 2),
+        groups=2,
+        deform_groups=2,
+    )
     input, offset, mask, weight, bias = case.tensors(gen)
     offset = torch.zeros_like(offset)
     expected = F.conv2d(input, weight, bias, stride=(2, 1), padding=(2, 1), dilation=(1, 2), groups=2)
-    torch.testing.assert_close(modulated_deform_conv2d_ref(input, offset, torch.ones_like(mask), weight, bias,
-                                                           *case.params), expected)
+    torch.testing.assert_close(
+        modulated_deform_conv2d_ref(input, offset, torch.ones_like(mask), weight, bias, *case.params), expected
+    )
     torch.testing.assert_close(modulated_deform_conv2d_ref(input, offset, None, weight, bias, *case.params), expected)
     # A mask scales each tap: a constant mask m scales the bias-free output by m.
     half = modulated_deform_conv2d_ref(input, offset, torch.full_like(mask, 0.5), weight, None, *case.params)
@@ -134,8 +158,9 @@ def test_conv_reference_nonfinite_offset_contributes_zero(bad, component, gen):
     masked = mask.detach().clone()
     masked[1, g * case.taps + k, 2, 3] = 0
     masked[0, g * case.taps + k, 0, 4] = 0
-    expected = modulated_deform_conv2d_ref(input.detach(), offset.detach(), masked, weight.detach(),
-                                           bias.detach(), *case.params)
+    expected = modulated_deform_conv2d_ref(
+        input.detach(), offset.detach(), masked, weight.detach(), bias.detach(), *case.params
+    )
     torch.testing.assert_close(output, expected)
 
     grad_output = torch.randn(output.shape, generator=gen, dtype=output.dtype)
@@ -153,8 +178,19 @@ def test_conv_reference_nonfinite_offset_contributes_zero(bad, component, gen):
 def test_conv_reference_gradients_are_derivatives(gen):
     """The reference's autograd is the true derivative (finite differences), so it may serve as the
     gradient oracle for the kernels."""
-    case = ConvCase(n=1, cin=4, cout=2, size=(4, 5), kernel=(3, 2), stride=(1, 2), padding=(1, 0), dilation=(2, 1),
-                    groups=2, deform_groups=2, offsets="far")
+    case = ConvCase(
+        n=1,
+        cin=4,
+        cout=2,
+        size=(4, 5),
+        kernel=(3, 2),
+        stride=(1, 2),
+        padding=(1, 0),
+        dilation=(2, 1),
+        groups=2,
+        deform_groups=2,
+        offsets="far",
+    )
     tensors = [t.requires_grad_() for t in case.tensors(gen)]
     assert torch.autograd.gradcheck(lambda *t: modulated_deform_conv2d_ref(*t, *case.params), tensors)
 
@@ -162,27 +198,6 @@ def test_conv_reference_gradients_are_derivatives(gen):
 # --------------------------------------------------------------------------------------------------
 # deform_roi_pool
 # --------------------------------------------------------------------------------------------------
-
-def _rois(gen, batch, height, width, scale, count=6):
-    """RoIs in input-image coordinates (feature map times 1 / scale): random boxes, some reaching
-    past the border, plus the corner cases: a box entirely outside, a zero-width one, a reversed one,
-    one smaller than a bin, one covering more than the map."""
-    image_h, image_w = height / scale, width / scale
-    x1 = uniform((count,), -0.2 * image_w, 0.8 * image_w, gen)
-    y1 = uniform((count,), -0.2 * image_h, 0.8 * image_h, gen)
-    x2 = x1 + uniform((count,), 0.1 * image_w, 0.9 * image_w, gen)
-    y2 = y1 + uniform((count,), 0.1 * image_h, 0.9 * image_h, gen)
-    index = torch.randint(0, batch, (count,), generator=gen).to(torch.float64)
-    random = torch.stack([index, x1, y1, x2, y2], dim=1)
-    special = torch.tensor([
-        [0, 1.3 * image_w, 1.2 * image_h, 1.6 * image_w, 1.5 * image_h],  # outside
-        [batch - 1, 0.3 * image_w, 0.2 * image_h, 0.3 * image_w, 0.7 * image_h],  # zero width
-        [0, 0.7 * image_w, 0.6 * image_h, 0.2 * image_w, 0.1 * image_h],  # reversed
-        [batch - 1, 0.41 * image_w, 0.33 * image_h, 0.45 * image_w, 0.36 * image_h],  # tiny
-        [0, -0.3 * image_w, -0.4 * image_h, 1.25 * image_w, 1.3 * image_h],  # larger than the map
-    ], dtype=torch.float64)
-    return torch.cat([random, special])
-
 
 ROI_CONFIGS = [
     # (batch, channels, height, width, output_size, spatial_scale, sampling_ratio)
@@ -195,19 +210,20 @@ ROI_CONFIGS = [
 
 
 @pytest.mark.parametrize("batch, channels, height, width, output_size, spatial_scale, sampling_ratio", ROI_CONFIGS)
-def test_roi_pool_reference_without_offset_is_roi_align(batch, channels, height, width, output_size, spatial_scale,
-                                                        sampling_ratio, gen):
+def test_roi_pool_reference_without_offset_is_roi_align(
+    batch, channels, height, width, output_size, spatial_scale, sampling_ratio, gen
+):
     """offset=None is RoIAlign with aligned=True: forward and gradient w.r.t. the input."""
     input = torch.randn((batch, channels, height, width), generator=gen, dtype=torch.float64, requires_grad=True)
-    rois = _rois(gen, batch, height, width, spatial_scale)
+    rois = make_rois(gen, batch, height, width, spatial_scale, count=6)
     expected = torchvision.ops.roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned=True)
     actual = deform_roi_pool_ref(input, rois, None, output_size, spatial_scale, sampling_ratio)
     torch.testing.assert_close(actual, expected)
-    assert (actual[-5] == 0).all(), "a RoI outside the map pools to 0"
+    assert (actual[corner_row("outside")] == 0).all(), "a RoI outside the map pools to 0"
     if sampling_ratio <= 0:  # an adaptive grid of a reversed or empty RoI has no samples
-        assert (actual[-4] == 0).all() and (actual[-3] == 0).all()
+        assert (actual[corner_row("zero_width")] == 0).all() and (actual[corner_row("reversed")] == 0).all()
     else:  # a fixed grid samples even a reversed RoI (mmcv/torchvision agree): not all zero
-        assert (actual[-3] != 0).any()
+        assert (actual[corner_row("reversed")] != 0).any()
     grad_output = torch.randn(expected.shape, generator=gen, dtype=expected.dtype)
     (expected_grad,) = torch.autograd.grad(expected, input, grad_output)
     (actual_grad,) = torch.autograd.grad(actual, input, grad_output)
@@ -219,14 +235,15 @@ def test_roi_pool_reference_no_rois(gen):
     assert deform_roi_pool_ref(input, torch.zeros((0, 5), dtype=torch.float64), None, 3).shape == (0, 3, 3, 3)
 
 
-@pytest.mark.parametrize("spatial_scale, sampling_ratio", [(1.0, 0), (0.5, 2)],
-                         ids=["scale1-adaptive", "scale0.5-ratio2"])
+@pytest.mark.parametrize(
+    "spatial_scale, sampling_ratio", [(1.0, 0), (0.5, 2)], ids=["scale1-adaptive", "scale0.5-ratio2"]
+)
 def test_roi_pool_reference_uniform_offset_shifts_roi(spatial_scale, sampling_ratio, gen):
     """The same offset in every bin shifts the whole RoI by gamma * offset * RoI size, channel 0
     along x and channel 1 along y: equal to RoIAlign of the shifted box. Pins the offset layout."""
     batch, channels, height, width, pooled, gamma = 2, 3, 10, 9, (3, 4), 0.1
     input = torch.randn((batch, channels, height, width), generator=gen, dtype=torch.float64)
-    rois = _rois(gen, batch, height, width, spatial_scale)[:-5]  # ordinary boxes only
+    rois = make_rois(gen, batch, height, width, spatial_scale, count=6, corners=False)
     shift = uniform((rois.shape[0], 2), -2.0, 2.0, gen)
     offset = shift.view(-1, 2, 1, 1).expand(-1, 2, *pooled).contiguous()
     roi_w = rois[:, 3] - rois[:, 1]  # in image coordinates (the scale multiplies both ends alike)
@@ -243,10 +260,10 @@ def test_roi_pool_reference_gradients_are_derivatives(gen):
     """Autograd of the reference w.r.t. input and offset is the true derivative of its forward,
     including samples pushed into the clamped border band and beyond (derivative 0 there)."""
     input = torch.randn((2, 1, 6, 7), generator=gen, dtype=torch.float64, requires_grad=True)
-    rois = _rois(gen, 2, 6, 7, 0.5, count=2)[:-2]  # drops the tiny and the oversized special RoIs
+    rois = make_rois(gen, 2, 6, 7, 0.5, count=2)
+    rois = rois[[0, 1] + [corner_row(name) for name in ("outside", "zero_width", "reversed")]]
     offset = uniform((rois.shape[0], 2, 2, 3), -3.0, 3.0, gen).requires_grad_()
-    assert torch.autograd.gradcheck(
-        lambda x, o: deform_roi_pool_ref(x, rois, o, (2, 3), 0.5, 0, 0.2), (input, offset))
+    assert torch.autograd.gradcheck(lambda x, o: deform_roi_pool_ref(x, rois, o, (2, 3), 0.5, 0, 0.2), (input, offset))
 
 
 def test_roi_pool_reference_nonfinite_offset_zeroes_the_bin(gen):

@@ -24,8 +24,9 @@ def test_generation_is_deterministic_and_prefix_stable(tmp_path):
     c = shapes.generate(str(tmp_path / "c"), num_train=3, num_val=1, seed=3)
     assert filecmp.cmp(os.path.join(a, "train", "000002.png"), os.path.join(c, "train", "000002.png"), shallow=False)
     d = shapes.generate(str(tmp_path / "d"), num_train=3, num_val=1, seed=4)
-    assert not filecmp.cmp(os.path.join(c, "train", "000000.png"), os.path.join(d, "train", "000000.png"),
-                           shallow=False)
+    assert not filecmp.cmp(
+        os.path.join(c, "train", "000000.png"), os.path.join(d, "train", "000000.png"), shallow=False
+    )
 
 
 def test_output_loads_in_pycocotools_with_valid_boxes(tmp_path):
@@ -69,9 +70,14 @@ def test_mmdet_coco_dataset_reads_it(tmp_path):
     from mmdet.datasets import CocoDataset
 
     root = shapes.generate(str(tmp_path / "s"), num_train=4, num_val=2)
-    dataset = CocoDataset(data_root=root, ann_file="annotations/instances_val.json",
-                          data_prefix=dict(img="val/"), metainfo=dict(classes=shapes.CLASSES),
-                          pipeline=[], test_mode=True)
+    dataset = CocoDataset(
+        data_root=root,
+        ann_file="annotations/instances_val.json",
+        data_prefix=dict(img="val/"),
+        metainfo=dict(classes=shapes.CLASSES),
+        pipeline=[],
+        test_mode=True,
+    )
     assert len(dataset) == 2
     info = dataset[0]
     assert info["img_path"].endswith(os.path.join("val", "000000.png"))

@@ -28,20 +28,27 @@ import torch
 pytest.importorskip("mmdet")
 pytest.importorskip("matplotlib")
 
-from mmengine.config import Config  # noqa: E402
-from mmengine.registry import DefaultScope  # noqa: E402
 from mmdet.registry import MODELS  # noqa: E402
 from mmdet.utils import register_all_modules  # noqa: E402
-
-from mmdet_tiny import tiny_model_options  # noqa: E402
-from reference import _sample_roi_align, _sample_zero_border  # noqa: E402
+from mmengine.config import Config  # noqa: E402
+from mmengine.registry import DefaultScope  # noqa: E402
 
 import mmdet_dcnv2.analysis  # noqa: E402
-from mmdet_dcnv2.analysis import (effective_receptive_field, effective_sampling_locations, load_detector,  # noqa: E402
-                                  load_image, normalise, parse_spec, resolve_nodes, saliency_region)
+from mmdet_dcnv2.analysis import (  # noqa: E402
+    effective_receptive_field,
+    effective_sampling_locations,
+    load_detector,
+    load_image,
+    normalise,
+    parse_spec,
+    resolve_nodes,
+    saliency_region,
+)
 from mmdet_dcnv2.analysis.nodes import last_c5_output  # noqa: E402
 from mmdet_dcnv2.analysis.saliency import prefix_mask, rank_cells, relative_error  # noqa: E402
 from mmdet_dcnv2.analysis.sampling_locations import conv_offsets_and_masks, roi_offsets_and_masks  # noqa: E402
+from mmdet_tiny import tiny_model_options  # noqa: E402
+from reference import _sample_roi_align, _sample_zero_border  # noqa: E402
 
 CONFIGS = osp.join(osp.dirname(osp.abspath(__file__)), "..", "configs", "dcnv2")
 IMAGE_SIZE = 90  # padded to 96 by the size divisor 32: c5 is 3x3
@@ -64,8 +71,9 @@ def _write_tiny_detector(folder, config_name, seed=0):
     model.init_weights()
     _randomise(model)
     checkpoint_path = osp.join(folder, "tiny.pth")
-    torch.save({"state_dict": model.state_dict(), "meta": {"dataset_meta": {"classes": ("person", "car")}}},
-               checkpoint_path)
+    torch.save(
+        {"state_dict": model.state_dict(), "meta": {"dataset_meta": {"classes": ("person", "car")}}}, checkpoint_path
+    )
     return config_path, checkpoint_path
 
 
@@ -73,7 +81,7 @@ def _randomise(model):
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):  # mmdet's ResNet zero-inits each block's last BN
-                module.weight.uniform_(0.5, 1.5)         # (zero_init_residual): the 3x3 convs would be cut off
+                module.weight.uniform_(0.5, 1.5)  # (zero_init_residual): the 3x3 convs would be cut off
                 module.bias.uniform_(-0.2, 0.2)
             if hasattr(module, "conv_offset"):  # offsets of about a pixel, masks away from 0.5
                 module.conv_offset.weight.normal_(0, 0.02)
@@ -101,10 +109,12 @@ def _write_image(path):
 def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("spatial_support")
     torch.set_num_threads(1)
-    detectors = {"mdconv_mdpool": "faster_rcnn_r50_fpn_mdconv_c3-c5_mdpool_1x_coco.py",  # MDConv in c5, MDPool
-                 "mdpool": "faster_rcnn_r50_fpn_mdpool_1x_coco.py",  # regular convs in c5, MDPool
-                 "group4": "faster_rcnn_r50_fpn_mdconv_c3-c5_group4_1x_coco.py",  # 4 deformable groups, RoIAlign
-                 "roialign": "faster_rcnn_r50_fpn_mdconv_c3-c5_1x_coco.py"}  # MDConv in c5, RoIAlign
+    detectors = {
+        "mdconv_mdpool": "faster_rcnn_r50_fpn_mdconv_c3-c5_mdpool_1x_coco.py",  # MDConv in c5, MDPool
+        "mdpool": "faster_rcnn_r50_fpn_mdpool_1x_coco.py",  # regular convs in c5, MDPool
+        "group4": "faster_rcnn_r50_fpn_mdconv_c3-c5_group4_1x_coco.py",  # 4 deformable groups, RoIAlign
+        "roialign": "faster_rcnn_r50_fpn_mdconv_c3-c5_1x_coco.py",
+    }  # MDConv in c5, RoIAlign
     files = {"image": _write_image(str(folder / "image.png"))}
     for key, config in detectors.items():
         os.makedirs(folder / key)
@@ -157,8 +167,12 @@ def test_receptive_field_is_the_finite_difference_gradient(deformable, spec):
     node = _node(model32, image, _active_channel(model32, image, spec))
     model = copy.deepcopy(model32).double()
     field = effective_receptive_field(model, image, node)
-    assert field.gradient.shape == (node.response(model, normalise(model, image.pixels[None].double())).shape[1],
-                                    3, IMAGE_SIZE, IMAGE_SIZE)
+    assert field.gradient.shape == (
+        node.response(model, normalise(model, image.pixels[None].double())).shape[1],
+        3,
+        IMAGE_SIZE,
+        IMAGE_SIZE,
+    )
 
     # The strongest pixel and two others, all three colour channels; central differences in raw
     # 0-255 intensities. The heat map at a pixel is the norm of the numeric Jacobian there.
@@ -174,8 +188,10 @@ def test_receptive_field_is_the_finite_difference_gradient(deformable, spec):
             plus[0, c, y, x] += eps
             minus[0, c, y, x] -= eps
             with torch.no_grad():
-                jacobian.append((node.response(model, normalise(model, plus))[0]
-                                 - node.response(model, normalise(model, minus))[0]) / (2 * eps))
+                jacobian.append(
+                    (node.response(model, normalise(model, plus))[0] - node.response(model, normalise(model, minus))[0])
+                    / (2 * eps)
+                )
             torch.testing.assert_close(field.gradient[:, c, y, x], jacobian[-1], rtol=1e-4, atol=1e-6 * scale)
         torch.testing.assert_close(field.heat[y, x], torch.stack(jacobian).norm(), rtol=1e-4, atol=1e-6 * scale)
 
@@ -220,8 +236,9 @@ def test_zero_offsets_give_exactly_the_regular_grid_of_a_plain_convolution(defor
     for layer, spacing in zip(deform_layers, (16, 32, 32)):
         groups, taps, out_h, out_w = layer.grid_shape
         at_node = layer.points.view(groups, taps, out_h, out_w, 2)[0, :, node.row, node.col]
-        expected = torch.tensor([[64 + dx, 32 + dy] for dy in (-spacing, 0, spacing) for dx in (-spacing, 0, spacing)],
-                                dtype=at_node.dtype)
+        expected = torch.tensor(
+            [[64 + dx, 32 + dy] for dy in (-spacing, 0, spacing) for dx in (-spacing, 0, spacing)], dtype=at_node.dtype
+        )
         assert torch.equal(at_node, expected)
     # The top layer feeds the node's own position only: its other points have no strength.
     top = deform_layers[-1].strength.view(deform_layers[-1].grid_shape)
@@ -242,9 +259,16 @@ def _rebuild_from_samples(module, layer, x, rois, store):
         _, mask = conv_offsets_and_masks(module, x)
         per_group = x.shape[1] // groups
         # Deformable group g samples its own channels at its own points (group-major layout).
-        samples = torch.stack([_sample_zero_border(x[:, g * per_group:(g + 1) * per_group],
-                                                   fy.view(groups, -1)[g][None], fx.view(groups, -1)[g][None])[0]
-                               for g in range(groups)]).view(groups, per_group, taps, out_h * out_w)
+        samples = torch.stack(
+            [
+                _sample_zero_border(
+                    x[:, g * per_group : (g + 1) * per_group],
+                    fy.view(groups, -1)[g][None],
+                    fx.view(groups, -1)[g][None],
+                )[0]
+                for g in range(groups)
+            ]
+        ).view(groups, per_group, taps, out_h * out_w)
         weight = module.weight.double().view(-1, groups, per_group, taps)
         rebuilt = torch.einsum("ogck,gkp,gckp->op", weight, mask.double().view(groups, taps, -1), samples)
         rebuilt = rebuilt.view(1, -1, out_h, out_w)
@@ -259,9 +283,16 @@ def _rebuild_from_samples(module, layer, x, rois, store):
     return rebuilt
 
 
-@pytest.mark.parametrize("model_key,spec", [("mdconv_mdpool", "conv:40,50"), ("group4", "conv:60,30"),
-                                            ("mdconv_mdpool", "reg:30,20,80,70"), ("roialign", "cls:30,20,80,70"),
-                                            ("shared", "cls:30,20,80,70")])
+@pytest.mark.parametrize(
+    "model_key,spec",
+    [
+        ("mdconv_mdpool", "conv:40,50"),
+        ("group4", "conv:60,30"),
+        ("mdconv_mdpool", "reg:30,20,80,70"),
+        ("roialign", "cls:30,20,80,70"),
+        ("shared", "cls:30,20,80,70"),
+    ],
+)
 def test_sampling_points_and_strengths_are_what_the_layers_computed(files, shared, model_key, spec):
     """Each layer's output, rebuilt from bilinear samples at the reported points times the reported
     modulations, is what the layer computed; and with the layer's output replaced by that rebuild
@@ -280,8 +311,11 @@ def test_sampling_points_and_strengths_are_what_the_layers_computed(files, share
     if node.kind == "conv":
         assert [layer.grid_shape[0] for layer in layers] == [4 if model_key == "group4" else 1] * 3
     else:
-        expected_names = (["roi_head.bbox_roi_extractor.shared_roi_layer"] if model_key == "shared"
-                          else ["roi_head.bbox_roi_extractor.roi_layers.0"])  # a 50-px box: the stride-4 level
+        expected_names = (
+            ["roi_head.bbox_roi_extractor.shared_roi_layer"]
+            if model_key == "shared"
+            else ["roi_head.bbox_roi_extractor.roi_layers.0"]
+        )  # a 50-px box: the stride-4 level
         assert [layer.name for layer in layers] == expected_names
         assert layers[0].input_stride == 4
         expected_types["mdconv_mdpool"] = "MDPool"
@@ -299,8 +333,9 @@ def test_sampling_points_and_strengths_are_what_the_layers_computed(files, share
             response = node.response(model, normalise(model, image.pixels[None].double()))[0]
             value_sq = location_sq = 0
             for j in range(response.numel()):
-                g_samples, g_x, g_y = torch.autograd.grad(response[j], [store["samples"], store["fx"], store["fy"]],
-                                                          retain_graph=True)
+                g_samples, g_x, g_y = torch.autograd.grad(
+                    response[j], [store["samples"], store["fx"], store["fy"]], retain_graph=True
+                )
                 value_sq = value_sq + g_samples.square().sum(store["axes"])
                 location_sq = location_sq + g_x.square() + g_y.square()
         finally:
@@ -310,8 +345,9 @@ def test_sampling_points_and_strengths_are_what_the_layers_computed(files, share
         torch.testing.assert_close(layer.strength, strength, rtol=1e-7, atol=1e-12 * float(strength.max()))
         torch.testing.assert_close(layer.location_strength, location, rtol=1e-6, atol=1e-9 * float(location.max()))
     if node.kind != "conv":  # the bins tile the RoI (plus small learned shifts): mean sample near its centre
-        torch.testing.assert_close(layers[0].points.mean(0), torch.tensor([54.5, 44.5], dtype=torch.float64),
-                                   rtol=0, atol=3.0)
+        torch.testing.assert_close(
+            layers[0].points.mean(0), torch.tensor([54.5, 44.5], dtype=torch.float64), rtol=0, atol=3.0
+        )
 
 
 @pytest.mark.parametrize("spec,max_error", [("conv:45,40", 0.1), ("cls:10,8,52,47", 0.05), ("reg:38,48,82,88", 0.2)])
@@ -386,18 +422,32 @@ def test_conv_nodes_use_the_architectures_stride_and_round_ties_up(deformable):
 
 def test_node_names_carry_class_and_channel_and_duplicates_are_refused(deformable):
     model, image = deformable
-    nodes = resolve_nodes(["cls:10,8,52,47#0", "cls:10,8,52,47#1", "reg:10,8,52,47#1", "conv:40,40",
-                           "conv:40,40#3"], model, image, NO_DETECTIONS)
-    assert [node.name for node in nodes] == ["cls_box_10_8_52_47_c0", "cls_box_10_8_52_47_c1",
-                                             "reg_box_10_8_52_47_c1", "conv_x32_y32", "conv_x32_y32_ch3"]
-    with pytest.raises(ValueError, match=r"--nodes 'conv:40,40' and 'conv:45,40' both resolve to the same node "
-                                         r"conv_x32_y32 .*give each node once"):
+    nodes = resolve_nodes(
+        ["cls:10,8,52,47#0", "cls:10,8,52,47#1", "reg:10,8,52,47#1", "conv:40,40", "conv:40,40#3"],
+        model,
+        image,
+        NO_DETECTIONS,
+    )
+    assert [node.name for node in nodes] == [
+        "cls_box_10_8_52_47_c0",
+        "cls_box_10_8_52_47_c1",
+        "reg_box_10_8_52_47_c1",
+        "conv_x32_y32",
+        "conv_x32_y32_ch3",
+    ]
+    with pytest.raises(
+        ValueError,
+        match=r"--nodes 'conv:40,40' and 'conv:45,40' both resolve to the same node "
+        r"conv_x32_y32 .*give each node once",
+    ):
         resolve_nodes(["conv:40,40", "conv:45,40"], model, image, NO_DETECTIONS)
     detections = (torch.tensor([[10.0, 8, 52, 47]]), torch.tensor([0.9]), torch.tensor([1]))
     with pytest.raises(ValueError, match="'cls:det0#1' and 'cls:det0' both resolve to the same node cls_det0_c1"):
         resolve_nodes(["cls:det0#1", "cls:det0"], model, image, detections)
     assert [n.name for n in resolve_nodes(["cls:det0#0", "cls:det0"], model, image, detections)] == [
-        "cls_det0_c0", "cls_det0_c1"]
+        "cls_det0_c0",
+        "cls_det0_c1",
+    ]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -411,16 +461,32 @@ def test_saliency_masks_follow_the_ranking_whatever_the_heat_maps_device():
 
 def _run(args, cwd):
     env = dict(os.environ, PYTHONSAFEPATH="1")
-    return subprocess.run([sys.executable, "-P", "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-P", "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_command_writes_every_view_of_the_default_nodes_and_compares(files, tmp_path, capsys):
     from mmdet_dcnv2.tools import spatial_support_compare
 
     config, checkpoint = files["mdconv_mdpool"]
-    run = _run(["mmdet_dcnv2.tools.spatial_support", config, checkpoint, files["image"], "--out-dir", "out",
-                "--score-thr", "0", "--cell", "6", "--threads", "1"], tmp_path)
+    run = _run(
+        [
+            "mmdet_dcnv2.tools.spatial_support",
+            config,
+            checkpoint,
+            files["image"],
+            "--out-dir",
+            "out",
+            "--score-thr",
+            "0",
+            "--cell",
+            "6",
+            "--threads",
+            "1",
+        ],
+        tmp_path,
+    )
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     assert "saliency search conv_x" in run.stderr and "img/s" in run.stderr  # the progress bar
     out = tmp_path / "out"
@@ -445,12 +511,24 @@ def test_command_writes_every_view_of_the_default_nodes_and_compares(files, tmp_
             assert record["sampling_0_location_strength"].shape == record["sampling_0_strength"].shape
 
     capsys.readouterr()
-    spatial_support_compare.main([str(out / f"{names[0]}.npz"), str(out / f"{names[0]}.npz"), "--labels", "a", "b",
-                                  "--colors", "64", "--out", str(tmp_path / "cmp.png")])
+    spatial_support_compare.main(
+        [
+            str(out / f"{names[0]}.npz"),
+            str(out / f"{names[0]}.npz"),
+            "--labels",
+            "a",
+            "b",
+            "--colors",
+            "64",
+            "--out",
+            str(tmp_path / "cmp.png"),
+        ]
+    )
     assert (tmp_path / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "warning" not in capsys.readouterr().err
-    spatial_support_compare.main([str(out / f"{names[1]}.npz"), str(out / f"{names[2]}.npz"),
-                                  "--out", str(tmp_path / "mixed.png")])
+    spatial_support_compare.main(
+        [str(out / f"{names[1]}.npz"), str(out / f"{names[2]}.npz"), "--out", str(tmp_path / "mixed.png")]
+    )
     assert "warning: the records are not of the same node" in capsys.readouterr().err
 
 

@@ -84,8 +84,8 @@ inline CpuIsa loop_isa(CpuIsa widest_kept) {
 }
 
 // NAME_baseline/_avx2/_avx512: the member NAME_body compiled for each ISA.
-#define DCN_ISA_VARIANTS(NAME, PARAMS, ARGS)                  \
-  void NAME##_baseline PARAMS { NAME##_body ARGS; }           \
+#define DCN_ISA_VARIANTS(NAME, PARAMS, ARGS)                    \
+  void NAME##_baseline PARAMS { NAME##_body ARGS; }             \
   DCN_TARGET_AVX2 void NAME##_avx2 PARAMS { NAME##_body ARGS; } \
   DCN_TARGET_AVX512 void NAME##_avx512 PARAMS { NAME##_body ARGS; }
 
@@ -109,8 +109,8 @@ inline int64_t grain_for(int64_t samples_per_task) {
 // One sample for n consecutive channels: out[i] = sum_j w[j] * x_j[i], x_j the four corners, which
 // lie `right` and `down` elements apart.
 template <typename scalar_t, typename acc_t>
-DCN_INLINE void sample_channels(const scalar_t* __restrict__ x, int64_t n, int64_t right, int64_t down, const acc_t w[4],
-                            scalar_t* __restrict__ out) {
+DCN_INLINE void sample_channels(const scalar_t* __restrict__ x, int64_t n, int64_t right, int64_t down,
+                                const acc_t w[4], scalar_t* __restrict__ out) {
   const acc_t w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
   const scalar_t* __restrict__ x1 = x + right;
   const scalar_t* __restrict__ x2 = x + down;
@@ -125,7 +125,7 @@ DCN_INLINE void sample_channels(const scalar_t* __restrict__ x, int64_t n, int64
 // n never exceeds `right`, the channel count).
 template <typename scalar_t, typename acc_t>
 DCN_INLINE void scatter_channels(const scalar_t* __restrict__ grad, int64_t n, int64_t right, int64_t down,
-                             const acc_t w[4], acc_t* gx) {
+                                 const acc_t w[4], acc_t* gx) {
   const acc_t w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
   acc_t* __restrict__ g0 = gx;
   acc_t* __restrict__ g1 = gx + right;
@@ -280,9 +280,8 @@ class CpuColumns final : public ColumnKernels {
   void fill_columns(const at::Tensor& columns) override {
     scalar_t* out = columns.data_ptr<scalar_t>();
     const CpuIsa isa = loop_isa(kFillIsa<scalar_t>);
-    at::parallel_for(0, tile_.cols(), grain_for(g_.in_channels * g_.taps()), [&](int64_t q0, int64_t q1) {
-      DCN_ISA_CALL(isa, fill_range, (out, q0, q1));
-    });
+    at::parallel_for(0, tile_.cols(), grain_for(g_.in_channels * g_.taps()),
+                     [&](int64_t q0, int64_t q1) { DCN_ISA_CALL(isa, fill_range, (out, q0, q1)); });
   }
 
   void backprop_columns(const at::Tensor& grad_columns, ConvGrads& grads) override {
@@ -366,9 +365,9 @@ class CpuColumns final : public ColumnKernels {
   void scatter_grad_input(const scalar_t* grad_columns, acc_t* padded_grad) {
     const int64_t block = scatter_block(), blocks = (g_.in_channels + block - 1) / block;
     const CpuIsa isa = loop_isa(kScatterIsa);
-    at::parallel_for(0, tile_.count * blocks, grain_for(tile_.width() * plan_rows() * block), [&](int64_t t0, int64_t t1) {
-      DCN_ISA_CALL(isa, scatter_range, (grad_columns, padded_grad, block, t0, t1));
-    });
+    at::parallel_for(
+        0, tile_.count * blocks, grain_for(tile_.width() * plan_rows() * block),
+        [&](int64_t t0, int64_t t1) { DCN_ISA_CALL(isa, scatter_range, (grad_columns, padded_grad, block, t0, t1)); });
   }
 
   // Channels per scatter task: the images' channels split over the threads, so that each thread
@@ -397,8 +396,8 @@ class CpuColumns final : public ColumnKernels {
           plan_.modulated_weights(e, w);
           acc_t* corner = gx + int64_t(plan_.base[e]) * g_.in_channels;
           for_each_channel_run(row, lo, hi, [&](int64_t c0, int64_t c1, int64_t position) DCN_LAMBDA_INLINE {
-            scatter_channels<scalar_t, acc_t>(grad_columns + q * row_len + position, c1 - c0, g_.in_channels,
-                                              down(), w, corner + c0);
+            scatter_channels<scalar_t, acc_t>(grad_columns + q * row_len + position, c1 - c0, g_.in_channels, down(), w,
+                                              corner + c0);
           });
         }
       }
@@ -431,10 +430,11 @@ class CpuColumns final : public ColumnKernels {
           plan_.weights(e, w);
           if (plan_.base[e] != 0) {
             const scalar_t* corner = x + int64_t(plan_.base[e]) * g_.in_channels;
-            for_each_channel_run(row, 0, g_.in_channels, [&](int64_t c0, int64_t c1, int64_t position) DCN_LAMBDA_INLINE {
-              corner_dots<scalar_t, acc_t>(grad_columns + q * row_len + position, corner + c0, c1 - c0,
-                                           g_.in_channels, down(), dots);
-            });
+            for_each_channel_run(row, 0, g_.in_channels,
+                                 [&](int64_t c0, int64_t c1, int64_t position) DCN_LAMBDA_INLINE {
+                                   corner_dots<scalar_t, acc_t>(grad_columns + q * row_len + position, corner + c0,
+                                                                c1 - c0, g_.in_channels, down(), dots);
+                                 });
           }
           // The sample is linear in the corner values, so its coordinate gradient summed over
           // channels is bilinear_coord_grad of the dots; the unmodulated weights give back the
@@ -473,8 +473,7 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& offset, const 
   const ConvOperands op =
       deform_conv_operands(input, offset, mask, weight, bias, stride, padding, dilation, groups, deform_groups);
   at::Tensor output;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.input.scalar_type(), "modulated_deform_conv2d_cpu",
-                                  [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.input.scalar_type(), "modulated_deform_conv2d_cpu", [&] {
     CpuColumns<scalar_t> kernels(op.g, op.input, op.offset, op.mask, /*fold_mask=*/true);
     output = deform_conv_forward(op, kernels);
   });
@@ -490,11 +489,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       deform_conv_operands(input, offset, mask, weight, bias, stride, padding, dilation, groups, deform_groups);
   check_deform_conv_grad_output(grad_output, op.input, op.g);
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grads;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.input.scalar_type(),
-                                  "modulated_deform_conv2d_backward_cpu", [&] {
-    CpuColumns<scalar_t> kernels(op.g, op.input, op.offset, op.mask, /*fold_mask=*/false);
-    grads = deform_conv_backward(op, grad_output.contiguous(), output_mask, kernels);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, op.input.scalar_type(), "modulated_deform_conv2d_backward_cpu", [&] {
+        CpuColumns<scalar_t> kernels(op.g, op.input, op.offset, op.mask, /*fold_mask=*/false);
+        grads = deform_conv_backward(op, grad_output.contiguous(), output_mask, kernels);
+      });
   return grads;
 }
 

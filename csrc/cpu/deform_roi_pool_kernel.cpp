@@ -20,6 +20,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../data_or_null.h"
 #include "../deform_roi_pool.h"
 
 namespace mmdet_dcnv2 {
@@ -57,8 +58,8 @@ void pool_forward(const RoIPoolGeometry& g, const scalar_t* input, const scalar_
     std::vector<acc_t> sums(channels);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / bins, bin = task % bins;
-      const RoIBin<acc_t> b = roi_pool_bin<acc_t>(g, rois, offset, r, bin / g.pooled_w, bin % g.pooled_w);
-      const scalar_t* x = input + images[r] * channels * plane;
+      const RoIBin<acc_t> b = roi_pool_bin<acc_t>(g, rois, offset, r, bin);
+      const scalar_t* x = input + g.input_plane(images[r], int64_t(0));
       std::fill(sums.begin(), sums.end(), acc_t(0));
       for_each_sample_block(b, g, [&](const Sample<acc_t>* samples, int64_t count) {
         for (int64_t c = 0; c < channels; ++c) {
@@ -69,7 +70,7 @@ void pool_forward(const RoIPoolGeometry& g, const scalar_t* input, const scalar_
         }
       });
       const acc_t count = roi_bin_count(b);
-      scalar_t* out = output + r * channels * bins + bin;
+      scalar_t* out = output + g.output_index(r, int64_t(0), bin);
       for (int64_t c = 0; c < channels; ++c) out[c * bins] = static_cast<scalar_t>(sums[c] / count);
     }
   });
@@ -115,13 +116,13 @@ void scatter_grad_input(const RoIPoolGeometry& g, const scalar_t* rois, const sc
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks, c0 = (task % blocks) * per_task;
       const int64_t width = std::min(channels, c0 + per_task) - c0;
-      acc_t* gx = grad_input + (n * channels + c0) * plane;
+      acc_t* gx = grad_input + g.input_plane(n, c0);
       for (int64_t k = groups.starts[n]; k < groups.starts[n + 1]; ++k) {
         const int64_t r = groups.order[k];
         for (int64_t bin = 0; bin < bins; ++bin) {
-          const RoIBin<acc_t> b = roi_pool_bin<acc_t>(g, rois, offset, r, bin / g.pooled_w, bin % g.pooled_w);
+          const RoIBin<acc_t> b = roi_pool_bin<acc_t>(g, rois, offset, r, bin);
           const acc_t count = roi_bin_count(b);
-          const scalar_t* go = grad_output + (r * channels + c0) * bins + bin;
+          const scalar_t* go = grad_output + g.output_index(r, c0, bin);
           for (int64_t c = 0; c < width; ++c) grads[c] = static_cast<acc_t>(go[c * bins]) / count;
           for_each_sample_block(b, g, [&](const Sample<acc_t>* samples, int64_t num) {
             for (int64_t c = 0; c < width; ++c) {
@@ -136,18 +137,17 @@ void scatter_grad_input(const RoIPoolGeometry& g, const scalar_t* rois, const sc
 }
 
 template <typename scalar_t>
-void reduce_grad_offset(const RoIPoolGeometry& g, const scalar_t* input, const scalar_t* rois,
-                        const scalar_t* offset, const std::vector<int64_t>& images, const scalar_t* grad_output,
-                        scalar_t* grad_offset) {
+void reduce_grad_offset(const RoIPoolGeometry& g, const scalar_t* input, const scalar_t* rois, const scalar_t* offset,
+                        const std::vector<int64_t>& images, const scalar_t* grad_output, scalar_t* grad_offset) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t bins = g.bins(), plane = g.plane(), channels = g.channels;
   const acc_t gamma = static_cast<acc_t>(g.gamma);
   at::parallel_for(0, g.num_rois * bins, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / bins, bin = task % bins;
-      const RoIBin<acc_t> b = roi_pool_bin<acc_t>(g, rois, offset, r, bin / g.pooled_w, bin % g.pooled_w);
-      const scalar_t* x = input + images[r] * channels * plane;
-      const scalar_t* go = grad_output + r * channels * bins + bin;
+      const RoIBin<acc_t> b = roi_pool_bin<acc_t>(g, rois, offset, r, bin);
+      const scalar_t* x = input + g.input_plane(images[r], int64_t(0));
+      const scalar_t* go = grad_output + g.output_index(r, int64_t(0), bin);
       acc_t d_y = acc_t(0), d_x = acc_t(0);
       bool sampled = false;
       for_each_sample_block(b, g, [&](const Sample<acc_t>* samples, int64_t count) {
@@ -169,65 +169,59 @@ void reduce_grad_offset(const RoIPoolGeometry& g, const scalar_t* input, const s
       // A unit of normalised offset moves every sample of the bin by gamma * the RoI's size. A bin that
       // sampled nothing gets an exact zero: its RoI's size may be NaN or infinite.
       const acc_t count = roi_bin_count(b);
-      scalar_t* out = grad_offset + r * 2 * bins + bin;
+      scalar_t* out = grad_offset + g.offset_index(r, bin);
       out[0] = static_cast<scalar_t>(sampled ? gamma * b.roi_w * d_x / count : acc_t(0));
       out[bins] = static_cast<scalar_t>(sampled ? gamma * b.roi_h * d_y / count : acc_t(0));
     }
   });
 }
 
-template <typename scalar_t>
-const scalar_t* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
-}
-
-at::Tensor forward_cpu(const at::Tensor& input_, const at::Tensor& rois_, const std::optional<at::Tensor>& offset_,
+at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& rois, const std::optional<at::Tensor>& offset,
                        at::IntArrayRef output_size, double spatial_scale, int64_t sampling_ratio, double gamma) {
-  const RoIPoolGeometry g =
-      check_deform_roi_pool_args(input_, rois_, offset_, output_size, spatial_scale, sampling_ratio, gamma);
-  const at::Tensor input = input_.contiguous(), rois = rois_.contiguous();
-  const at::Tensor offset = offset_.has_value() ? offset_->contiguous() : at::Tensor();
-  const std::vector<int64_t> images = roi_images_cpu(rois, g.batch);
-  at::Tensor output = at::empty({g.num_rois, g.channels, g.pooled_h, g.pooled_w}, input.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "deform_roi_pool_cpu", [&] {
-    pool_forward<scalar_t>(g, input.const_data_ptr<scalar_t>(), rois.const_data_ptr<scalar_t>(),
-                           data_or_null<scalar_t>(offset), images, output.data_ptr<scalar_t>());
+  const RoIPoolOperands op =
+      deform_roi_pool_operands(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma);
+  const RoIPoolGeometry& g = op.g;
+  const std::vector<int64_t> images = roi_images_cpu(op.rois, g.batch);
+  at::Tensor output = at::empty(g.output_shape(), op.input.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.input.scalar_type(), "deform_roi_pool_cpu", [&] {
+    pool_forward<scalar_t>(g, op.input.const_data_ptr<scalar_t>(), op.rois.const_data_ptr<scalar_t>(),
+                           data_or_null<scalar_t>(op.offset), images, output.data_ptr<scalar_t>());
   });
   return output;
 }
 
-std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_output_, const at::Tensor& input_,
-                                                const at::Tensor& rois_, const std::optional<at::Tensor>& offset_,
+std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_output_, const at::Tensor& input,
+                                                const at::Tensor& rois, const std::optional<at::Tensor>& offset,
                                                 at::IntArrayRef output_size, double spatial_scale,
-                                                int64_t sampling_ratio, double gamma,
-                                                std::array<bool, 2> output_mask) {
-  const RoIPoolGeometry g =
-      check_deform_roi_pool_args(input_, rois_, offset_, output_size, spatial_scale, sampling_ratio, gamma);
-  check_deform_roi_pool_grad_output(grad_output_, input_, g);
-  const bool need_input = output_mask[0], need_offset = output_mask[1] && offset_.has_value();
-  const at::Tensor input = input_.contiguous(), rois = rois_.contiguous(), grad_output = grad_output_.contiguous();
-  const at::Tensor offset = offset_.has_value() ? offset_->contiguous() : at::Tensor();
-  const std::vector<int64_t> images = roi_images_cpu(rois, g.batch);
+                                                int64_t sampling_ratio, double gamma, std::array<bool, 2> output_mask) {
+  const RoIPoolOperands op =
+      deform_roi_pool_operands(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma);
+  const RoIPoolGeometry& g = op.g;
+  check_deform_roi_pool_grad_output(grad_output_, op.input, g);
+  const bool need_input = output_mask[0], need_offset = output_mask[1] && op.offset.defined();
+  const at::Tensor grad_output = grad_output_.contiguous();
+  const std::vector<int64_t> images = roi_images_cpu(op.rois, g.batch);
 
   // grad_input accumulates in opmath (float for half types); grad_offset is written once per element.
-  at::Tensor grad_input = need_input ? at::zeros(input.sizes(), input.options().dtype(
-                                                                    at::toOpMathType(input.scalar_type())))
-                                     : at::empty({0}, input.options());
-  at::Tensor grad_offset = need_offset ? at::empty(offset.sizes(), input.options()) : at::empty({0}, input.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "deform_roi_pool_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* rois_ptr = rois.const_data_ptr<scalar_t>();
-    const scalar_t* offset_ptr = data_or_null<scalar_t>(offset);
-    const scalar_t* gout_ptr = grad_output.const_data_ptr<scalar_t>();
-    if (need_input) {
-      scatter_grad_input<scalar_t, acc_t>(g, rois_ptr, offset_ptr, images, gout_ptr, grad_input.data_ptr<acc_t>());
-    }
-    if (need_offset) {
-      reduce_grad_offset<scalar_t>(g, input.const_data_ptr<scalar_t>(), rois_ptr, offset_ptr, images, gout_ptr,
-                                   grad_offset.data_ptr<scalar_t>());
-    }
-  });
-  return {grad_input.to(input.scalar_type()), grad_offset};
+  const auto options = op.input.options();
+  const auto acc_options = options.dtype(at::toOpMathType(op.input.scalar_type()));
+  at::Tensor grad_input = need_input ? at::zeros(op.input.sizes(), acc_options) : at::empty({0}, options);
+  at::Tensor grad_offset = need_offset ? at::empty(op.offset.sizes(), options) : at::empty({0}, options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, op.input.scalar_type(), "deform_roi_pool_backward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const scalar_t* rois_ptr = op.rois.const_data_ptr<scalar_t>();
+        const scalar_t* offset_ptr = data_or_null<scalar_t>(op.offset);
+        const scalar_t* gout_ptr = grad_output.const_data_ptr<scalar_t>();
+        if (need_input) {
+          scatter_grad_input<scalar_t, acc_t>(g, rois_ptr, offset_ptr, images, gout_ptr, grad_input.data_ptr<acc_t>());
+        }
+        if (need_offset) {
+          reduce_grad_offset<scalar_t>(g, op.input.const_data_ptr<scalar_t>(), rois_ptr, offset_ptr, images, gout_ptr,
+                                       grad_offset.data_ptr<scalar_t>());
+        }
+      });
+  return {grad_input.to(op.input.scalar_type()), grad_offset};
 }
 
 }  // namespace

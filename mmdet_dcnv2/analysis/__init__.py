@@ -21,7 +21,21 @@ from .saliency import SaliencyRegion, saliency_region
 from .sampling_locations import LayerSamples, effective_sampling_locations
 
 __all__ = [
-    "LoadedImage", "detect", "load_detector", "load_image", "normalise", "NODE_KINDS", "ConvNode", "RoINode",
-    "parse_spec", "resolve_nodes", "ReceptiveField", "effective_receptive_field", "analyse_node",
-    "SaliencyRegion", "saliency_region", "LayerSamples", "effective_sampling_locations",
+    "LoadedImage",
+    "detect",
+    "load_detector",
+    "load_image",
+    "normalise",
+    "NODE_KINDS",
+    "ConvNode",
+    "RoINode",
+    "parse_spec",
+    "resolve_nodes",
+    "ReceptiveField",
+    "effective_receptive_field",
+    "analyse_node",
+    "SaliencyRegion",
+    "saliency_region",
+    "LayerSamples",
+    "effective_sampling_locations",
 ]

@@ -35,8 +35,17 @@ def draw_sampling_layer(ax, record: Dict, index: int) -> None:
     shown = shown[weight[shown] >= MIN_SHOWN_STRENGTH]
     height, width = record["image"].shape[:2]
     ax.imshow(_grey(record["image"]), cmap="gray", vmin=0, vmax=255)
-    ax.scatter(points[shown, 0], points[shown, 1], c=weight[shown], s=4 + 36 * weight[shown], cmap="viridis",
-               vmin=0, vmax=1, edgecolors="none", alpha=0.9)
+    ax.scatter(
+        points[shown, 0],
+        points[shown, 1],
+        c=weight[shown],
+        s=4 + 36 * weight[shown],
+        cmap="viridis",
+        vmin=0,
+        vmax=1,
+        edgecolors="none",
+        alpha=0.9,
+    )
     _mark_node(ax, record)
     outside = ((points < -0.5) | (points > np.array([width, height]) - 0.5)).any(1)
     share = float(strength[outside].sum() / max(float(strength.sum()), 1e-30))
@@ -59,9 +68,13 @@ def draw_saliency(ax, record: Dict) -> None:
     ax.imshow(shown)
     ax.contour(keep.astype(float), levels=[0.5], colors="cyan", linewidths=1)
     _mark_node(ax, record)
-    _frame(ax, record, f"saliency region {100 * keep.mean():.0f}% of image\n"
-                       f"error {float(record['saliency_error']):.3f} <= {float(record['saliency_max_error']):g}, "
-                       f"{_masked_images(record)} masked imgs")
+    _frame(
+        ax,
+        record,
+        f"saliency region {100 * keep.mean():.0f}% of image\n"
+        f"error {float(record['saliency_error']):.3f} <= {float(record['saliency_max_error']):g}, "
+        f"{_masked_images(record)} masked imgs",
+    )
 
 
 def _masked_images(record: Dict) -> int:
@@ -85,8 +98,7 @@ def save_view(record: Dict, view: str, path: str, panel_inches: float = 2.6, dpi
     """One PNG: the view's panels side by side, the node described above them."""
     panels = view_panels(record, view)
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(panel_inches * len(panels), panel_inches + 0.7),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(panel_inches * len(panels), panel_inches + 0.7), squeeze=False)
     for draw, ax in zip(panels, axes[0]):
         draw(ax)
     fig.suptitle(str(record["node_label"]), fontsize=8)
@@ -95,20 +107,22 @@ def save_view(record: Dict, view: str, path: str, panel_inches: float = 2.6, dpi
     plt.close(fig)
 
 
-def save_comparison(records: Sequence[Dict], labels: Sequence[str], path: str, panel_inches: float = 2.2,
-                    dpi: int = 90) -> None:
+def save_comparison(
+    records: Sequence[Dict], labels: Sequence[str], path: str, panel_inches: float = 2.2, dpi: int = 90
+) -> None:
     """Rows = models (e.g. regular ConvNet, DCNv2) for the same node, columns = every panel of the
     three views -- the layout of the paper's Figure 1."""
     rows = [[draw for view in VIEWS for draw in view_panels(record, view)] for record in records]
     columns = max(len(row) for row in rows)
     plt = pyplot()
-    fig, axes = plt.subplots(len(rows), columns, figsize=(panel_inches * columns, (panel_inches + 0.4) * len(rows)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), columns, figsize=(panel_inches * columns, (panel_inches + 0.4) * len(rows)), squeeze=False
+    )
     for row, label, row_axes in zip(rows, labels, axes):
         for draw, ax in zip(row, row_axes):
             draw(ax)
         row_axes[0].set_ylabel(label, fontsize=10)
-        for ax in row_axes[len(row):]:
+        for ax in row_axes[len(row) :]:
             ax.axis("off")
     fig.suptitle(str(records[0]["node_label"]), fontsize=9)
     fig.tight_layout()

@@ -42,9 +42,10 @@ def load_detector(config: str, checkpoint: str, device: str = "cpu", cfg_options
     for argument, path in (("config", config), ("checkpoint", checkpoint)):
         if not osp.isfile(path):
             raise FileNotFoundError(f"{argument} {path!r} does not exist")
-    import mmdet_dcnv2  # noqa: F401  (registers our layers and the checkpoint allow-list)
     from mmdet.apis import init_detector
     from mmengine.config import Config
+
+    import mmdet_dcnv2  # noqa: F401  (registers our layers and the checkpoint allow-list)
 
     cfg = Config.fromfile(config)
     if cfg_options:

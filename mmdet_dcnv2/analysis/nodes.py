@@ -1,34 +1,13 @@
-"""The network nodes whose spatial support is analysed, and their responses as functions of the image.
+"""The network nodes whose spatial support is analysed (paper Sec. 2.1), as functions of the image.
 
-Three kinds (paper Sec. 2.1):
+- ``conv``: a unit of the last c5 layer at an image position: one channel, or the sum over channels
+  (post-ReLU, so the L1 norm: a smoother, channel-independent summary).
+- ``cls``: an RoI's classification score of one class. The score, not the logit: logits are defined
+  up to a common additive constant, which would make the saliency view's relative error arbitrary.
+- ``reg``: an RoI's 4 box-regression deltas of one class.
 
-- ``conv``: a unit of the last c5 layer (the output of the backbone's last residual stage) at an
-  image position. Its response is one channel of the feature vector there, or, with no channel
-  given, the sum over channels -- the c5 output is post-ReLU, so that is the L1 norm of the node's
-  feature vector, a smoother and channel-independent summary of what the node encodes.
-- ``cls``: the per-RoI classification node of a box -- the box head's score of one class (the
-  detected one by default), softmax over the logits as mmdet's ``BBoxHead`` computes it (or the
-  loss's own activation, e.g. sigmoid). The score rather than the logit: logits are defined only up
-  to a common additive constant, so a relative error of a logit (the saliency view) would depend on
-  that arbitrary shift; the score is also the number the detector reports.
-- ``reg``: the per-RoI box-regression node -- the box head's 4 deltas (dx, dy, dw, dh) of that class.
-
-The RoI of an RoI node is **the box itself**, held fixed: the node is then a function of the image
-alone (the proposals would move as the image is masked), and the box is what the pictures show.
-mmdet's ``predict`` does not say which proposal produced a detection, so a detection's nodes are
-evaluated on its final box.
-
-Node specs (``--nodes``): ``KIND:WHERE[#INDEX]`` with WHERE ``detN`` (the N-th best detection: its
-box, or its centre for ``conv``) or coordinates in the original image (``X,Y`` for ``conv``,
-``X1,Y1,X2,Y2`` for ``cls``/``reg``); INDEX is the c5 channel (``conv``) or the class (``cls``/``reg``).
-
-Pixel-to-unit convention (``conv``): feature position u of the stride-S c5 map is centred on image
-pixel S*u, and a position p picks the unit whose centre is nearest, ties upwards: u = floor(p/S + 0.5)
-(S = 32: pixels 0-15 -> unit 0, 16-47 -> unit 1, ...), clamped to the map. S comes from the
-architecture (:func:`c5_stride`), not from the padded input's size.
-
-Every resolved node must be distinct: its ``name`` (which files are written under) carries the
-position or box, the channel or class, and two specs resolving to the same node are an error.
+An RoI node's box is held fixed (the detection's final box: mmdet does not say which proposal made
+it), so the node depends on the image alone; proposals would move as the image is masked.
 """
 
 import math
@@ -82,8 +61,11 @@ class ConvNode:
         conv2 of res5 in a ResNet-50, deformable or not."""
         stage_name, stage = last_residual_stage(model)
         offset_convs = {id(m.conv_offset) for m in stage.modules() if hasattr(m, "conv_offset")}
-        return [(f"backbone.{stage_name}.{name}", module) for name, module in stage.named_modules()
-                if _is_spatial_conv(module) and id(module) not in offset_convs]
+        return [
+            (f"backbone.{stage_name}.{name}", module)
+            for name, module in stage.named_modules()
+            if _is_spatial_conv(module) and id(module) not in offset_convs
+        ]
 
 
 @dataclass(frozen=True)
@@ -110,10 +92,10 @@ class RoINode:
         """(B, 1) class score or (B, 4) deltas for each image of a normalised batch, the RoI fixed."""
         cls_score, bbox_pred = roi_head_outputs(model, batch, self.box)
         if self.kind == "cls":
-            return class_scores(model, cls_score)[:, self.class_index:self.class_index + 1]
+            return class_scores(model, cls_score)[:, self.class_index : self.class_index + 1]
         if bbox_pred.shape[1] == 4:  # reg_class_agnostic
             return bbox_pred
-        return bbox_pred[:, 4 * self.class_index:4 * self.class_index + 4]
+        return bbox_pred[:, 4 * self.class_index : 4 * self.class_index + 4]
 
     def sampling_layers(self, model: nn.Module) -> List[Tuple[str, nn.Module]]:
         """The box head's RoI layers: one per FPN level (only the level the box maps to is called),
@@ -123,12 +105,16 @@ class RoINode:
         shared = getattr(extractor, "shared_roi_layer", None)
         if shared is not None:
             return [("roi_head.bbox_roi_extractor.shared_roi_layer", shared)]
-        layers = [(f"roi_head.bbox_roi_extractor.roi_layers.{i}", layer)
-                  for i, layer in enumerate(getattr(extractor, "roi_layers", []))]
+        layers = [
+            (f"roi_head.bbox_roi_extractor.roi_layers.{i}", layer)
+            for i, layer in enumerate(getattr(extractor, "roi_layers", []))
+        ]
         not_modules = [name for name, layer in layers if not isinstance(layer, nn.Module)]
         if not_modules:
-            raise ValueError(f"{type(extractor).__name__}: RoI layers {not_modules} are not nn.Modules and "
-                             f"no shared_roi_layer is set; cannot hook them")
+            raise ValueError(
+                f"{type(extractor).__name__}: RoI layers {not_modules} are not nn.Modules and "
+                f"no shared_roi_layer is set; cannot hook them"
+            )
         return layers
 
 
@@ -139,8 +125,9 @@ def last_residual_stage(model: nn.Module) -> Tuple[str, nn.Module]:
     backbone = model.backbone
     names = getattr(backbone, "res_layers", None)
     if not names:
-        raise ValueError(f"conv nodes need a ResNet-style backbone (with res_layers); "
-                         f"{type(backbone).__name__} has none")
+        raise ValueError(
+            f"conv nodes need a ResNet-style backbone (with res_layers); {type(backbone).__name__} has none"
+        )
     return names[-1], getattr(backbone, names[-1])
 
 
@@ -154,8 +141,10 @@ def c5_stride(model: nn.Module) -> int:
     stage_names = list(backbone.res_layers)
     strides = getattr(backbone, "strides", None)
     if strides is None or len(strides) < len(stage_names):
-        raise ValueError(f"conv nodes need the backbone's per-stage strides (mmdet's ResNet family has "
-                         f"backbone.strides); {type(backbone).__name__} has none")
+        raise ValueError(
+            f"conv nodes need the backbone's per-stage strides (mmdet's ResNet family has "
+            f"backbone.strides); {type(backbone).__name__} has none"
+        )
     in_stages = {id(m) for name in stage_names for m in getattr(backbone, name).modules()}
     stride = 1
     for name, module in backbone.named_modules():
@@ -165,7 +154,7 @@ def c5_stride(model: nn.Module) -> int:
         if step[0] != step[1]:
             raise ValueError(f"backbone.{name} has stride {step}; conv nodes need square strides")
         stride *= step[0]
-    for step in strides[:len(stage_names)]:
+    for step in strides[: len(stage_names)]:
         step = as_pair(step)
         if step[0] != step[1]:
             raise ValueError(f"backbone stage stride {step}; conv nodes need square strides")
@@ -179,8 +168,10 @@ def check_c5_size(stride: int, batch_size: Tuple[int, int], c5_size: Tuple[int, 
     not understood, and positions would be mapped wrongly."""
     expected = tuple(-(-size // stride) for size in batch_size)
     if tuple(c5_size) != expected:
-        raise ValueError(f"the c5 map is {tuple(c5_size)} for a {tuple(batch_size)} input, but a stride-{stride} "
-                         f"backbone (from its architecture) gives {expected}; cannot place conv nodes")
+        raise ValueError(
+            f"the c5 map is {tuple(c5_size)} for a {tuple(batch_size)} input, but a stride-{stride} "
+            f"backbone (from its architecture) gives {expected}; cannot place conv nodes"
+        )
 
 
 def as_pair(value) -> Tuple[int, int]:
@@ -204,11 +195,15 @@ def roi_head_outputs(model: nn.Module, batch: Tensor, box: Sequence[float]) -> T
     """The box head's (cls_score, bbox_pred) for the same RoI in every image of the batch."""
     roi_head = getattr(model, "roi_head", None)
     if roi_head is None or not getattr(roi_head, "with_bbox", False):
-        raise ValueError(f"cls/reg nodes need a two-stage detector with a box head; "
-                         f"{type(model).__name__} has none")
+        raise ValueError(f"cls/reg nodes need a two-stage detector with a box head; {type(model).__name__} has none")
     feats = model.extract_feat(batch)
-    rois = torch.cat([torch.arange(batch.shape[0], dtype=batch.dtype, device=batch.device)[:, None],
-                      batch.new_tensor(box).expand(batch.shape[0], 4)], dim=1)
+    rois = torch.cat(
+        [
+            torch.arange(batch.shape[0], dtype=batch.dtype, device=batch.device)[:, None],
+            batch.new_tensor(box).expand(batch.shape[0], 4),
+        ],
+        dim=1,
+    )
     # StandardRoIHead's own box path (extractor, shared head, box head), as in its predict/loss.
     result = roi_head._bbox_forward(feats, rois)
     return result["cls_score"], result["bbox_pred"]
@@ -232,12 +227,20 @@ def _is_spatial_conv(module: nn.Module) -> bool:
 
 # -------------------------------------------------------------------------------------- parsing
 
+
 def parse_spec(spec: str) -> Tuple[str, str, Optional[int]]:
-    """``KIND:WHERE[#INDEX]`` -> (kind, where, index); errors name the spec and the grammar."""
+    """``KIND:WHERE[#INDEX]`` -> (kind, where, index); errors name the spec and the grammar.
+
+    WHERE: ``detN`` (the N-th best detection: its box, or its centre for ``conv``) or coordinates in
+    the original image (``X,Y`` for ``conv``, ``X1,Y1,X2,Y2`` for ``cls``/``reg``); INDEX: the c5
+    channel (``conv``) or the class (``cls``/``reg``, default: the detected one).
+    """
     kind, sep, rest = spec.partition(":")
     if not sep or kind not in NODE_KINDS:
-        raise ValueError(f"--nodes {spec!r}: unknown node kind {kind!r}; expected KIND:WHERE[#INDEX] with KIND one "
-                         f"of {', '.join(NODE_KINDS)} (e.g. conv:det0, cls:det0, conv:64,40, reg:10,10,50,60#2)")
+        raise ValueError(
+            f"--nodes {spec!r}: unknown node kind {kind!r}; expected KIND:WHERE[#INDEX] with KIND one "
+            f"of {', '.join(NODE_KINDS)} (e.g. conv:det0, cls:det0, conv:64,40, reg:10,10,50,60#2)"
+        )
     where, _, index = rest.partition("#")
     if index and not index.isdigit():
         raise ValueError(f"--nodes {spec!r}: the index after '#' must be a non-negative integer, got {index!r}")
@@ -251,8 +254,10 @@ def resolve_nodes(specs: Sequence[str], model: nn.Module, image: LoadedImage, de
     for spec in specs:
         node = _resolve(spec, model, image, detections)
         if node.name in seen:
-            raise ValueError(f"--nodes {seen[node.name]!r} and {spec!r} both resolve to the same node {node.name} "
-                             f"({node.label}); give each node once")
+            raise ValueError(
+                f"--nodes {seen[node.name]!r} and {spec!r} both resolve to the same node {node.name} "
+                f"({node.label}); give each node once"
+            )
         seen[node.name] = spec
         nodes.append(node)
     return nodes
@@ -266,8 +271,10 @@ def _resolve(spec: str, model: nn.Module, image: LoadedImage, detections) -> Nod
             raise ValueError(f"--nodes {spec!r}: expected det<N> (e.g. det0), got {where!r}")
         rank = int(where[3:])
         if rank >= len(boxes):
-            raise ValueError(f"--nodes {spec!r}: the detector found {len(boxes)} detection(s) with score >= the "
-                             f"--score-thr on {image.path}; det{rank} does not exist")
+            raise ValueError(
+                f"--nodes {spec!r}: the detector found {len(boxes)} detection(s) with score >= the "
+                f"--score-thr on {image.path}; det{rank} does not exist"
+            )
         box = tuple(float(v) for v in boxes[rank])
         if kind == "conv":
             return conv_node(model, image, ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), index, spec)
@@ -281,13 +288,16 @@ def _resolve(spec: str, model: nn.Module, image: LoadedImage, detections) -> Nod
     return roi_node(model, image, kind, box, index, "box_" + "_".join(f"{v:g}" for v in values), spec)
 
 
-def conv_node(model: nn.Module, image: LoadedImage, xy: Tuple[float, float], channel: Optional[int],
-              spec: str) -> ConvNode:
+def conv_node(
+    model: nn.Module, image: LoadedImage, xy: Tuple[float, float], channel: Optional[int], spec: str
+) -> ConvNode:
     height, width = image.size
     x, y = xy
     if not (0 <= x <= width - 1 and 0 <= y <= height - 1):
-        raise ValueError(f"--nodes {spec!r}: position ({x:g}, {y:g}) is outside the network-input image "
-                         f"({width}x{height}; x in [0, {width - 1}], y in [0, {height - 1}])")
+        raise ValueError(
+            f"--nodes {spec!r}: position ({x:g}, {y:g}) is outside the network-input image "
+            f"({width}x{height}; x in [0, {width - 1}], y in [0, {height - 1}])"
+        )
     with torch.no_grad():
         batch = normalise(model, image.pixels[None].to(next(model.parameters())))
         c5 = last_c5_output(model, batch)
@@ -302,8 +312,9 @@ def conv_node(model: nn.Module, image: LoadedImage, xy: Tuple[float, float], cha
     return ConvNode(row, col, stride, channel)
 
 
-def roi_node(model: nn.Module, image: LoadedImage, kind: str, box, class_index: Optional[int], source: str,
-             spec: str) -> RoINode:
+def roi_node(
+    model: nn.Module, image: LoadedImage, kind: str, box, class_index: Optional[int], source: str, spec: str
+) -> RoINode:
     x1, y1, x2, y2 = box
     height, width = image.size
     if not (x2 > x1 and y2 > y1 and all(map(math.isfinite, box))):

@@ -1,39 +1,10 @@
 """Error-bounded saliency region (paper Sec. 2.1): the smallest image region that, with the rest of
 the image masked, keeps the node's response within a relative error of its full-image response.
 
-Masking: pixels outside the region are set to the dataset mean (0 after the data preprocessor's
-normalisation), the neutral input the network was trained around. Error: ``||r(masked) - r(full)||
-/ ||r(full)||`` over the node's outputs (the absolute relative error for a one-output node).
-
-Search. An exhaustive search over regions is hopeless, so the region is grown from a ranking, as
-"progressively masking" suggests: the image is cut into ``cell`` x ``cell`` pixel cells, ranked by
-the effective receptive field summed over each cell (how strongly the node reacts to them), and the
-candidate regions are the prefixes of that ranking -- the k most influential cells, k = 0..N. The
-answer is the smallest k whose error is within the bound, found by a batched bracketing search:
-k = N (the full image, error 0) always qualifies; each round evaluates up to ``batch_size``
-equally spaced k strictly inside the current bracket (lo fails, hi qualifies) as one batch of masked
-images, and narrows the bracket to the first qualifying k and the probe just below it, until they
-are adjacent. The result's error is measured, not estimated, so the bound holds by construction, and
-k - 1 cells fail it. If the error is not monotone in k, a smaller qualifying prefix that the probes
-stepped over can exist: the region is minimal among the probed prefixes.
-
-Cost: 1 forward pass for the full image (plus the receptive field used for ranking: 1 forward and 1
-backward per output), then one batched forward pass of at most ``batch_size`` masked images per
-round over ``ceil(log(N + 1) / log(batch_size + 1))`` rounds -- e.g. 1024 cells (a 128x128 image,
-4-px cells) with batches of 16: 3 rounds, i.e. 3 batched forward passes of at most 16 + 16 + 3 = 35
-masked images in all (bisection would need 10 sequential passes of 1; a linear scan 1024 images).
-``SaliencyRegion`` reports both counts: ``masked_images`` and ``forward_passes`` (batched passes,
-the full image's included).
-
-Ill-conditioned nodes: the bound is relative to the node's own full-image response, so a node whose
-response is near zero gets a tiny absolute tolerance. This is typical of ``reg`` nodes: a box the
-detector already fits well has deltas near 0, and keeping them within 10% of themselves can take
-most of the image (or fail to converge before the full image, which always qualifies). Read a ``reg``
-node's region with its ``response`` (stored in the record) in mind, or raise ``max_error``.
-
-Devices: the ranking and every mask are built on the CPU (cheap, (H, W) booleans) and moved to the
-model's device with the image inside :func:`~.model.normalise`; responses stay on the model's
-device and errors come back as Python floats.
+Masked pixels are set to the dataset mean (0 after the data preprocessor), the neutral input the
+network was trained around. Exhaustive search over regions is hopeless, so the candidates are the
+prefixes of a ranking of image cells by the node's receptive field ("progressively masking", as the
+paper puts it); :func:`saliency_region` says how the prefix is found and what it costs.
 """
 
 import math
@@ -90,9 +61,30 @@ def relative_error(response: Tensor, reference: Tensor) -> Tensor:
     return (response - reference).norm(dim=-1) / reference.norm()
 
 
-def saliency_region(model: nn.Module, image: LoadedImage, node: Node, heat: Tensor, max_error: float = 0.1,
-                    cell: int = 4, batch_size: int = 16, progress: Optional[object] = None) -> SaliencyRegion:
-    """Search the smallest prefix of the ``heat``-ranked cells within ``max_error``; see the module doc.
+def saliency_region(
+    model: nn.Module,
+    image: LoadedImage,
+    node: Node,
+    heat: Tensor,
+    max_error: float = 0.1,
+    cell: int = 4,
+    batch_size: int = 16,
+    progress: Optional[object] = None,
+) -> SaliencyRegion:
+    """The smallest prefix of the ``heat``-ranked ``cell`` x ``cell`` cells whose error
+    ``||r(masked) - r(full)|| / ||r(full)||`` is within ``max_error``.
+
+    Batched bracketing: k = N (the full image, error 0) always qualifies; each round evaluates up to
+    ``batch_size`` equally spaced k strictly inside the bracket (lo fails, hi qualifies) as one batch
+    of masked images and narrows it to the first qualifying k and the probe below it. The error is
+    measured, not estimated, so the bound holds by construction; if the error is not monotone in k
+    the region is minimal among the probed prefixes. Cost: ``ceil(log(N + 1) / log(batch_size + 1))``
+    batched passes -- 1024 cells with batches of 16: 3 passes, <= 35 masked images (bisection: 10
+    sequential passes); the result counts ``masked_images`` and ``forward_passes``.
+
+    The bound is relative to the node's own response, so a node responding near 0 -- typically a
+    ``reg`` node whose box already fits, deltas near 0 -- gets a tiny tolerance and may need most of
+    the image: read its region with its ``response`` in mind, or raise ``max_error``.
 
     ``progress``: an object with ``update(n)`` (a tqdm bar) told of every masked image evaluated.
     """
@@ -113,14 +105,17 @@ def saliency_region(model: nn.Module, image: LoadedImage, node: Node, heat: Tens
 
     reference = responses(torch.ones(1, *image.size, dtype=torch.bool))[0]
     if reference.norm() == 0:
-        raise ValueError(f"node {node.name} responds 0 to the full image: a relative error is undefined "
-                         f"(choose another node or channel)")
+        raise ValueError(
+            f"node {node.name} responds 0 to the full image: a relative error is undefined "
+            f"(choose another node or channel)"
+        )
     probes, errors, found = [], {num_cells: 0.0}, {num_cells: reference}
     passes = 1  # the full image
     lo, hi = -1, num_cells  # lo: largest k known (or assumed, -1) to fail; hi: smallest k known to pass
     while hi - lo > 1:
-        candidates = sorted({lo + max(1, round((hi - lo) * i / (batch_size + 1))) for i in range(1, batch_size + 1)}
-                            - {hi})
+        candidates = sorted(
+            {lo + max(1, round((hi - lo) * i / (batch_size + 1))) for i in range(1, batch_size + 1)} - {hi}
+        )
         keeps = torch.stack([prefix_mask(order, k, cell, image.size) for k in candidates])
         batch_responses = responses(keeps)
         passes += 1
@@ -135,5 +130,16 @@ def saliency_region(model: nn.Module, image: LoadedImage, node: Node, heat: Tens
             lo = max([k for k in candidates if k < hi], default=lo)
         else:
             lo = candidates[-1]
-    return SaliencyRegion(prefix_mask(order, hi, cell, image.size), errors[hi], max_error, hi, num_cells, cell,
-                          probes, len(probes), passes, reference, found[hi])
+    return SaliencyRegion(
+        prefix_mask(order, hi, cell, image.size),
+        errors[hi],
+        max_error,
+        hi,
+        num_cells,
+        cell,
+        probes,
+        len(probes),
+        passes,
+        reference,
+        found[hi],
+    )

@@ -1,46 +1,16 @@
 """Effective sampling locations (conv nodes) and effective bin locations (RoI nodes), paper Sec. 2.1.
 
-For every sampling layer below the node -- each spatial convolution of the last residual stage (the
-three res5 conv2 of a ResNet-50) for a ``conv`` node, the box head's RoI layer for a ``cls``/``reg``
-node -- we report **every sampling point the layer actually used** (each output position, kernel tap
-and deformable group; each bin and each of its bilinear samples), where it lands in the image, and
-its **strength**.
+For every sampling layer below the node (the c5 3x3 convolutions for a ``conv`` node, the box head's
+RoI layer for ``cls``/``reg``) we report every sampling point the forward pass used, where it lands
+in the image, and its strength.
 
-Strength: the magnitude of the gradient of the node's response with respect to **the value sampled
-at that point**, i.e. ``|| m * W_k^T dn/dy(q) ||`` over the input channels for tap k of output q of a
-convolution (m is the DCNv2 modulation, 1 for a regular or DCNv1 layer), and ``|| m_b * dn/dy_b || / n_b``
-for each of the n_b samples of RoI bin b (the bin averages them; m_b is MDPool's modulation). For a
-node with several outputs, the norm over them too. Why this and not the gradient with respect to
-the location itself: the location gradient is the value gradient times the spatial gradient of the
-feature map, so it vanishes wherever the map is locally flat -- a point in the middle of an object,
-where the node reads a lot, would show as irrelevant. The value gradient says how much the node
-listens to that point whatever is found there, the same notion as the receptive-field view (a pixel
-gradient), and a regular convolution's fixed grid shows up with the same meaning, so the two can be
-compared. This is a deliberate deviation from the paper (and DESIGN section 1), which weight a point
-by the gradient with respect to its location; that one is computed too and kept beside it
-(``location_strength``): ``|| d n / d (y, x) ||`` of the point, i.e. the value gradient dotted with
-the bilinear interpolant's spatial gradient of the input map at the point (the same border rule as
-the layer: zeros for a convolution, clamped to the edge for an RoI layer), norm over the node's
-outputs. At integer positions (a regular grid) the bilinear interpolant has a kink and this is its
-one-sided derivative towards +x / +y.
-
-The strengths are exact gradients of the real network (autograd), including the residual paths and
-the bilinear spreading of fractional sampling points over their four neighbours; so every output
-position of a lower layer that the node reaches contributes its points (this is the paper's stacked
-sampling hierarchy of 9 x 9 x 9 points, computed without its approximation of evaluating offsets
-at fractional positions).
-
-Strides: the input-map stride of a convolution comes from the architecture -- its output is the
-c5 map (stride S from :func:`~.nodes.c5_stride`), so its input's stride is S / the layer's stride
-(checked against the maps' sizes); an RoI layer's is 1 / its ``spatial_scale`` for the call.
-
-Coordinates, in network-input pixel-index units (pixel centres at integers):
-- convolutions: the point (y, x) of the layer's input map, ``y = i*stride - pad + a*dilation + dy``
-  (tap (a, b) of output (i, j), offset (dy, dx)), drawn at ``S * (x, y)`` where S is the input map's
-  stride -- in mmdet's ResNet (symmetric padding throughout) feature position u of a stride-S map is
-  centred on image pixel S*u;
-- RoI layers: the bilinear sample points of each bin in the pool's own aligned convention
-  (feature coordinate f <-> image coordinate (f + 0.5) * S - 0.5), i.e. in the frame of the box.
+Strength is the gradient of the node's response w.r.t. the *value sampled* at the point (autograd
+through the real network, residual paths included), not w.r.t. the point's *location* as in the
+paper (Sec. 2.1): the location gradient is the value gradient times the feature map's spatial
+gradient, so it vanishes wherever the map is flat -- the middle of an object, where the node reads
+most. The value gradient has the receptive-field view's meaning, and a regular convolution's fixed
+grid gets the same treatment, so the two compare. The paper's measure is kept beside it as
+``location_strength``. Coordinates are network-input pixel indices; see :class:`LayerSamples`.
 """
 
 import math
@@ -58,7 +28,18 @@ from .nodes import Node, as_pair, check_c5_size
 class LayerSamples:
     """The sampling points of one layer, flattened in the order of ``grid_shape``:
     (deform_groups, taps, out_h, out_w) for a convolution, (bins_h, bins_w, samples_h, samples_w)
-    for an RoI layer."""
+    for an RoI layer.
+
+    ``strength``: ``|| m * W_k^T dn/dy(q) ||`` over input channels for tap k of output q (m the DCNv2
+    modulation, 1 without), ``|| m_b * dn/dy_b || / n_b`` for each of the n_b samples of RoI bin b;
+    the norm over the node's outputs too. ``location_strength``: ``|| dn / d(y, x) ||`` of the point,
+    through the bilinear interpolant with the layer's border rule (one-sided at integer positions).
+
+    ``points``: a convolution's point ``y = i*stride - pad + a*dilation + dy`` (tap (a, b) of output
+    (i, j)) of its input map, drawn at ``S * (x, y)`` with S the input map's stride (the c5 stride over
+    the layer's stride; mmdet's ResNet centres feature position u on image pixel S*u); an RoI layer's
+    bin samples in the pool's aligned convention, image = (feature + 0.5) * S - 0.5, S = 1 / spatial_scale.
+    """
 
     name: str
     layer_type: str
@@ -82,6 +63,7 @@ def effective_sampling_locations(model: nn.Module, image: LoadedImage, node: Nod
             if name in calls:  # one call per layer is what the analysis reads (and the nodes do)
                 raise RuntimeError(f"{name} was called more than once in the node's forward pass")
             calls[name] = (args, kwargs, output)
+
         return hook
 
     handles = [module.register_forward_hook(capture(name), with_kwargs=True) for name, module in layers]
@@ -96,16 +78,17 @@ def effective_sampling_locations(model: nn.Module, image: LoadedImage, node: Nod
     used = [(name, module) for name, module in layers if name in calls]
     outputs = [calls[name][2] for name, _ in used]
     # d response_j / d output of each layer, for each output j of the node.
-    grads = [torch.autograd.grad(response[j], outputs, retain_graph=j + 1 < response.numel(), allow_unused=True)
-             for j in range(response.numel())]
+    grads = [
+        torch.autograd.grad(response[j], outputs, retain_graph=j + 1 < response.numel(), allow_unused=True)
+        for j in range(response.numel())
+    ]
     result = []
     with torch.no_grad():
         for index, (name, module) in enumerate(used):
             args, kwargs, output = calls[name]
             layer_grads = [torch.zeros_like(output) if g[index] is None else g[index] for g in grads]
             if node.kind == "conv":
-                result.append(_conv_samples(name, module, args[0], layer_grads, node.stride,
-                                            tuple(batch.shape[-2:])))
+                result.append(_conv_samples(name, module, args[0], layer_grads, node.stride, tuple(batch.shape[-2:])))
             else:
                 result.append(_roi_samples(name, module, args, kwargs, layer_grads))
     return result
@@ -113,34 +96,44 @@ def effective_sampling_locations(model: nn.Module, image: LoadedImage, node: Nod
 
 # ------------------------------------------------------------------------------------ convolutions
 
+
 def conv_offsets_and_masks(module: nn.Module, x: Tensor) -> Tuple[Tensor, Tensor]:
     """(G, K, 2, Ho, Wo) offsets (dy, dx) and (G, K, Ho, Wo) masks the layer applies to input ``x``
-    (batch of one): recomputed from its ``conv_offset`` with mmcv's channel layout, which ours and
-    mmcv's layers share (DCNv2: chunk into o1, o2, m; offsets cat(o1, o2), masks sigmoid(m); DCNv1:
-    all channels are offsets); zeros and ones for a regular convolution."""
+    (batch of one): asked of our layers (``offset_and_mask``), recomputed from ``conv_offset`` for
+    mmcv's (the same channel layout: DCNv2 chunks into o1, o2, m, offsets cat(o1, o2), masks
+    sigmoid(m); DCNv1's channels are all offsets); zeros and ones for a regular convolution."""
     kh, kw = module.kernel_size
     groups = int(getattr(module, "deform_groups", 1))
     taps = kh * kw
+    if hasattr(module, "offset_and_mask"):  # MDConv, DConv
+        offset, mask = module.offset_and_mask(x)
+        offset = offset[0]
+        mask = torch.ones_like(offset[: groups * taps]) if mask is None else mask[0]
+        out_h, out_w = offset.shape[-2:]
+        return offset.view(groups, taps, 2, out_h, out_w), mask.view(groups, taps, out_h, out_w)
     if not hasattr(module, "conv_offset"):
         out_h, out_w = _conv_output_size(module, x)
         return x.new_zeros(1, taps, 2, out_h, out_w), x.new_ones(1, taps, out_h, out_w)
-    out = module.conv_offset(x)[0]
+    out = module.conv_offset(x)[0]  # mmcv's layers
     if out.shape[0] == 3 * groups * taps:
         o1, o2, m = torch.chunk(out, 3, dim=0)
         offset, mask = torch.cat((o1, o2), dim=0), torch.sigmoid(m)
     elif out.shape[0] == 2 * groups * taps:
-        offset, mask = out, torch.ones_like(out[:groups * taps])
+        offset, mask = out, torch.ones_like(out[: groups * taps])
     else:
-        raise ValueError(f"{type(module).__name__}.conv_offset has {out.shape[0]} channels; expected "
-                         f"3*G*K or 2*G*K = {3 * groups * taps} or {2 * groups * taps}")
+        raise ValueError(
+            f"{type(module).__name__}.conv_offset has {out.shape[0]} channels; expected "
+            f"3*G*K or 2*G*K = {3 * groups * taps} or {2 * groups * taps}"
+        )
     out_h, out_w = out.shape[-2:]
     return offset.view(groups, taps, 2, out_h, out_w), mask.view(groups, taps, out_h, out_w)
 
 
 def regular_grid(module: nn.Module, out_h: int, out_w: int, dtype=torch.float64) -> Tuple[Tensor, Tensor]:
     """(K, Ho, Wo) y and x of a convolution's fixed sampling grid in its input map."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (as_pair(getattr(module, a)) for a in
-                                              ("kernel_size", "stride", "padding", "dilation"))
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
+        as_pair(getattr(module, a)) for a in ("kernel_size", "stride", "padding", "dilation")
+    )
     tap_y = (torch.arange(kh, dtype=dtype) * dh).repeat_interleave(kw)
     tap_x = (torch.arange(kw, dtype=dtype) * dw).repeat(kh)
     rows = torch.arange(out_h, dtype=dtype) * sh - ph
@@ -150,8 +143,9 @@ def regular_grid(module: nn.Module, out_h: int, out_w: int, dtype=torch.float64)
     return y, x
 
 
-def _conv_samples(name: str, module: nn.Module, x: Tensor, grads: List[Tensor], output_stride: int,
-                  batch_size: Tuple[int, int]) -> LayerSamples:
+def _conv_samples(
+    name: str, module: nn.Module, x: Tensor, grads: List[Tensor], output_stride: int, batch_size: Tuple[int, int]
+) -> LayerSamples:
     x = x.detach()
     offset, mask = conv_offsets_and_masks(module, x)
     groups, taps, _, out_h, out_w = offset.shape
@@ -177,12 +171,28 @@ def _conv_samples(name: str, module: nn.Module, x: Tensor, grads: List[Tensor], 
     strength = sum(g.square().sum(1) for g in value_grads).sqrt()
     # d n / d location: per deformable group, its channels sampled at its points (zero border).
     channels = x.shape[1] // groups
-    location = torch.cat([
-        _location_gradient(x[0, g * channels:(g + 1) * channels], feature_points.view(groups, -1, 2)[g],
-                           [v[g].reshape(channels, -1) for v in value_grads], border="zeros")
-        for g in range(groups)])
-    return LayerSamples(name, type(module).__name__, "conv", feature_points, feature_points * stride,
-                        strength.reshape(-1), location, (groups, taps, out_h, out_w), float(stride))
+    location = torch.cat(
+        [
+            _location_gradient(
+                x[0, g * channels : (g + 1) * channels],
+                feature_points.view(groups, -1, 2)[g],
+                [v[g].reshape(channels, -1) for v in value_grads],
+                border="zeros",
+            )
+            for g in range(groups)
+        ]
+    )
+    return LayerSamples(
+        name,
+        type(module).__name__,
+        "conv",
+        feature_points,
+        feature_points * stride,
+        strength.reshape(-1),
+        location,
+        (groups, taps, out_h, out_w),
+        float(stride),
+    )
 
 
 def _location_gradient(plane: Tensor, points: Tensor, value_grads: List[Tensor], border: str) -> Tensor:
@@ -197,9 +207,13 @@ def _location_gradient(plane: Tensor, points: Tensor, value_grads: List[Tensor],
         xy = points.detach().to(dtype).clone().requires_grad_()
         # align_corners=False: pixel index p <-> normalised (2p + 1) / size - 1 (works for size 1 too).
         grid = torch.stack(((2 * xy[:, 0] + 1) / width - 1, (2 * xy[:, 1] + 1) / height - 1), dim=-1)
-        samples = nn.functional.grid_sample(plane[None].detach().to(dtype), grid[None, None], mode="bilinear",
-                                            padding_mode="zeros" if border == "zeros" else "border",
-                                            align_corners=False)[0, :, 0]
+        samples = nn.functional.grid_sample(
+            plane[None].detach().to(dtype),
+            grid[None, None],
+            mode="bilinear",
+            padding_mode="zeros" if border == "zeros" else "border",
+            align_corners=False,
+        )[0, :, 0]
         if border != "zeros":
             inside = ((xy[:, 0] >= -1) & (xy[:, 0] <= width) & (xy[:, 1] >= -1) & (xy[:, 1] <= height)).detach()
             samples = samples * inside.to(dtype)
@@ -220,6 +234,7 @@ def _conv_output_size(module: nn.Module, x: Tensor) -> Tuple[int, int]:
 
 # ------------------------------------------------------------------------------------- RoI layers
 
+
 def roi_offsets_and_masks(module: nn.Module, features: Tensor, rois: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
     """(R, 2, ph, pw) normalised bin offsets (x, y) and (R, ph, pw) bin modulations: recomputed from
     the layer's ``offset_fc`` / ``mask_fc`` on the plainly pooled features, as ours and mmcv's
@@ -230,8 +245,9 @@ def roi_offsets_and_masks(module: nn.Module, features: Tensor, rois: Tensor, sca
     count = rois.shape[0]
     if not hasattr(module, "offset_fc"):
         return rois.new_zeros(count, 2, out_h, out_w), rois.new_ones(count, out_h, out_w)
-    plain = deform_roi_pool(features, rois, None, (out_h, out_w), scale, int(module.sampling_ratio),
-                            float(module.gamma)).flatten(1)
+    plain = deform_roi_pool(
+        features, rois, None, (out_h, out_w), scale, int(module.sampling_ratio), float(module.gamma)
+    ).flatten(1)
     offset = module.offset_fc(plain).view(count, 2, out_h, out_w)
     if not hasattr(module, "mask_fc"):  # DCNv1's DPool
         return offset, torch.ones_like(offset[:, 0])
@@ -239,8 +255,15 @@ def roi_offsets_and_masks(module: nn.Module, features: Tensor, rois: Tensor, sca
     return offset, mask
 
 
-def roi_sample_points(roi: Tensor, offset: Tensor, output_size: Tuple[int, int], scale: float,
-                      sampling_ratio: int, gamma: float, aligned: bool = True) -> Tensor:
+def roi_sample_points(
+    roi: Tensor,
+    offset: Tensor,
+    output_size: Tuple[int, int],
+    scale: float,
+    sampling_ratio: int,
+    gamma: float,
+    aligned: bool = True,
+) -> Tensor:
     """(ph, pw, ny, nx, 2) x, y feature-map coordinates of every bilinear sample of every bin, as
     RoIAlign (``offset`` zero) and deformable RoI pooling place them."""
     out_h, out_w = output_size
@@ -269,23 +292,40 @@ def _roi_samples(name: str, module: nn.Module, args, kwargs, grads: List[Tensor]
     scale = kwargs.get("spatial_scale", args[2] if len(args) > 2 else None)
     scale = float(module.spatial_scale if scale is None else scale)
     if getattr(module, "pool_mode", "avg") != "avg":
-        raise ValueError(f"effective bin locations need an averaging RoI layer; {name} pools by "
-                         f"{module.pool_mode!r}")
+        raise ValueError(f"effective bin locations need an averaging RoI layer; {name} pools by {module.pool_mode!r}")
     offset, mask = roi_offsets_and_masks(module, features, rois[:1], scale)
     output_size = as_pair(module.output_size)
-    points = roi_sample_points(rois[0], offset[0], output_size, scale, int(module.sampling_ratio),
-                               float(getattr(module, "gamma", 0.1)), bool(getattr(module, "aligned", True)))
+    points = roi_sample_points(
+        rois[0],
+        offset[0],
+        output_size,
+        scale,
+        int(module.sampling_ratio),
+        float(getattr(module, "gamma", 0.1)),
+        bool(getattr(module, "aligned", True)),
+    )
     out_h, out_w, samples_y, samples_x, _ = points.shape
     count = samples_y * samples_x
     # d n / d (value of one sample of bin b) = m_b * d n / d y_b / n_b (the bin averages its samples).
     value_grads = [(mask[0] * grad[0]) / count for grad in grads]  # (C, ph, pw) each
-    strength = sum(g.square().sum(0) for g in value_grads).sqrt()[:, :, None, None].expand(-1, -1, samples_y,
-                                                                                            samples_x)
+    strength = sum(g.square().sum(0) for g in value_grads).sqrt()[:, :, None, None].expand(-1, -1, samples_y, samples_x)
     feature_points = points.reshape(-1, 2)
     plane = features[int(rois[0, 0])].detach()
     location = _location_gradient(
-        plane, feature_points, [g[:, :, :, None, None].expand(-1, -1, -1, samples_y, samples_x).reshape(g.shape[0], -1)
-                                for g in value_grads], border="clamp")
+        plane,
+        feature_points,
+        [g[:, :, :, None, None].expand(-1, -1, -1, samples_y, samples_x).reshape(g.shape[0], -1) for g in value_grads],
+        border="clamp",
+    )
     stride = 1.0 / scale
-    return LayerSamples(name, type(module).__name__, "roi", feature_points, (feature_points + 0.5) * stride - 0.5,
-                        strength.reshape(-1), location, tuple(points.shape[:4]), stride)
+    return LayerSamples(
+        name,
+        type(module).__name__,
+        "roi",
+        feature_points,
+        (feature_points + 0.5) * stride - 0.5,
+        strength.reshape(-1),
+        location,
+        tuple(points.shape[:4]),
+        stride,
+    )

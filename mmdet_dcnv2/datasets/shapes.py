@@ -49,13 +49,15 @@ def _polygon(name: str) -> Optional[np.ndarray]:
         return np.array(pts)
     if name == "plus":
         a, b = 0.3, 1.0
-        return np.array([(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a),
-                         (-b, a), (-b, -a), (-a, -a)])
+        return np.array(
+            [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a), (-b, a), (-b, -a), (-a, -a)]
+        )
     if name == "ell":
         return np.array([(-0.7, -1.0), (-0.15, -1.0), (-0.15, 0.45), (0.75, 0.45), (0.75, 1.0), (-0.7, 1.0)])
     if name == "arrow":
-        return np.array([(-1.0, -0.22), (0.15, -0.22), (0.15, -0.65), (1.0, 0.0), (0.15, 0.65), (0.15, 0.22),
-                         (-1.0, 0.22)])
+        return np.array(
+            [(-1.0, -0.22), (0.15, -0.22), (0.15, -0.65), (1.0, 0.0), (0.15, 0.65), (0.15, 0.22), (-1.0, 0.22)]
+        )
     if name == "ring":
         return None
     raise ValueError(name)
@@ -136,8 +138,14 @@ def _lines(rng: np.random.Generator, image: np.ndarray, count: int) -> None:
     size = image.shape[0]
     for _ in range(count):
         p, q = rng.uniform(-10, size + 10, 2), rng.uniform(-10, size + 10, 2)
-        cv2.line(image, (int(p[0]), int(p[1])), (int(q[0]), int(q[1])), _colour(rng).tolist(),
-                 int(rng.integers(1, 3)), cv2.LINE_AA)
+        cv2.line(
+            image,
+            (int(p[0]), int(p[1])),
+            (int(q[0]), int(q[1])),
+            _colour(rng).tolist(),
+            int(rng.integers(1, 3)),
+            cv2.LINE_AA,
+        )
 
 
 def _blob(rng: np.random.Generator, size: int, min_size: float, max_size: float) -> np.ndarray:
@@ -177,9 +185,14 @@ def _paint(image: np.ndarray, soft: np.ndarray, rng: np.random.Generator) -> Non
     image += alpha * fill
 
 
-def draw_image(rng: np.random.Generator, templates: List[np.ndarray], size: int = 128,
-               min_size: float = 14.0, max_size: float = 44.0,
-               max_objects: int = 6) -> Tuple[np.ndarray, List[Dict[str, object]]]:
+def draw_image(
+    rng: np.random.Generator,
+    templates: List[np.ndarray],
+    size: int = 128,
+    min_size: float = 14.0,
+    max_size: float = 44.0,
+    max_objects: int = 6,
+) -> Tuple[np.ndarray, List[Dict[str, object]]]:
     """One RGB uint8 image and its instances ({'category': index, 'bbox': [x, y, w, h], 'area'})."""
     import cv2
 
@@ -202,10 +215,16 @@ def draw_image(rng: np.random.Generator, templates: List[np.ndarray], size: int 
             extent = rng.uniform(min_size, max_size)
             center = tuple(rng.uniform(0.35 * extent, size - 0.35 * extent, 2))
             warped = _elastic(templates[label], rng, rng.uniform(0.0, 0.09) * _TEMPLATE)
-            soft = cv2.warpAffine(warped, _affine(rng, extent, center), (size, size), flags=cv2.INTER_LINEAR,
-                                  borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+            soft = cv2.warpAffine(
+                warped,
+                _affine(rng, extent, center),
+                (size, size),
+                flags=cv2.INTER_LINEAR,
+                borderMode=cv2.BORDER_CONSTANT,
+                borderValue=0,
+            )
             binary = soft > 0.5
-            if binary.sum() >= 0.25 * min_size ** 2 and fits(binary):
+            if binary.sum() >= 0.25 * min_size**2 and fits(binary):
                 break
         else:
             continue
@@ -234,8 +253,14 @@ def draw_image(rng: np.random.Generator, templates: List[np.ndarray], size: int 
 
 
 def _params(num_train: int, num_val: int, size: int, seed: int) -> Dict[str, object]:
-    return {"version": VERSION, "classes": list(CLASSES), "num_train": num_train, "num_val": num_val,
-            "size": size, "seed": seed}
+    return {
+        "version": VERSION,
+        "classes": list(CLASSES),
+        "num_train": num_train,
+        "num_val": num_val,
+        "size": size,
+        "seed": seed,
+    }
 
 
 def is_generated(out: str, num_train: int = 600, num_val: int = 150, size: int = 128, seed: int = 0) -> bool:
@@ -247,8 +272,9 @@ def is_generated(out: str, num_train: int = 600, num_val: int = 150, size: int =
         return False
 
 
-def generate(out: str, num_train: int = 600, num_val: int = 150, size: int = 128, seed: int = 0,
-             verbose: bool = False) -> str:
+def generate(
+    out: str, num_train: int = 600, num_val: int = 150, size: int = 128, seed: int = 0, verbose: bool = False
+) -> str:
     """Write the dataset under ``out`` (see the module docstring); returns ``out``."""
     import cv2
 
@@ -263,18 +289,33 @@ def generate(out: str, num_train: int = 600, num_val: int = 150, size: int = 128
         images, annotations = [], []
         for index in range(count):
             rng = np.random.default_rng([seed, split_index, index])
-            image, instances = draw_image(rng, templates, size=size,
-                                          min_size=14.0 * size / 128, max_size=44.0 * size / 128)
+            image, instances = draw_image(
+                rng, templates, size=size, min_size=14.0 * size / 128, max_size=44.0 * size / 128
+            )
             name = f"{index:06d}.png"
             cv2.imwrite(os.path.join(out, split, name), image[..., ::-1])  # cv2 writes BGR
             images.append({"id": index + 1, "file_name": name, "width": size, "height": size})
             for inst in instances:
-                annotations.append({"id": len(annotations) + 1, "image_id": index + 1,
-                                    "category_id": inst["category"] + 1, "bbox": inst["bbox"],
-                                    "area": inst["area"], "iscrowd": 0})
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": index + 1,
+                        "category_id": inst["category"] + 1,
+                        "bbox": inst["bbox"],
+                        "area": inst["area"],
+                        "iscrowd": 0,
+                    }
+                )
         with open(os.path.join(out, "annotations", f"instances_{split}.json"), "w") as f:
-            json.dump({"info": {"description": f"mmdet_dcnv2 shapes ({split})", "version": VERSION},
-                       "images": images, "annotations": annotations, "categories": categories}, f)
+            json.dump(
+                {
+                    "info": {"description": f"mmdet_dcnv2 shapes ({split})", "version": VERSION},
+                    "images": images,
+                    "annotations": annotations,
+                    "categories": categories,
+                },
+                f,
+            )
         if verbose:
             print(f"shapes: {count} {split} images, {len(annotations)} instances -> {os.path.join(out, split)}")
     with open(meta, "w") as f:

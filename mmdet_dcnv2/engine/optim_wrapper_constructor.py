@@ -23,21 +23,25 @@ from torch import nn
 
 from mmdet_dcnv2.models.layers import DConv, MDConv
 
+from .model_wrappers import unwrap_model
+
 
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()
 class DCNv2OptimWrapperConstructor(DefaultOptimWrapperConstructor):
     """mmengine's default optimizer-wrapper constructor, recognising MDConv and DConv as DCN layers."""
 
     def __call__(self, model: nn.Module) -> OptimWrapper:
-        inner = model.module if hasattr(model, "module") else model  # as the base class unwraps DDP
-        self._our_offset_convs = {m.conv_offset for m in inner.modules() if isinstance(m, (MDConv, DConv))}
+        self._our_offset_convs = {
+            m.conv_offset for m in unwrap_model(model).modules() if isinstance(m, (MDConv, DConv))
+        }
         try:
             return super().__call__(model)
         finally:
             del self._our_offset_convs
 
-    def add_params(self, params: List[dict], module: nn.Module, prefix: str = "",
-                   is_dcn_module: Optional[Union[int, float]] = None) -> None:
+    def add_params(
+        self, params: List[dict], module: nn.Module, prefix: str = "", is_dcn_module: Optional[Union[int, float]] = None
+    ) -> None:
         # The base class passes is_dcn_module=True to the children of mmcv's layers; do the same for ours.
         if module in getattr(self, "_our_offset_convs", ()):
             is_dcn_module = True

@@ -6,5 +6,15 @@ from .losses import CosineMimicLoss
 from .roi_extractors import RegistryGenericRoIExtractor, RegistrySingleRoIExtractor
 from .roi_heads import RCNNMimicRoIHead
 
-__all__ = ["CosineMimicLoss", "DConv", "DPool", "MDConv", "MDPool", "MimicFasterRCNN", "MimicMaskRCNN",
-           "RCNNMimicRoIHead", "RegistryGenericRoIExtractor", "RegistrySingleRoIExtractor"]
+__all__ = [
+    "CosineMimicLoss",
+    "DConv",
+    "DPool",
+    "MDConv",
+    "MDPool",
+    "MimicFasterRCNN",
+    "MimicMaskRCNN",
+    "RCNNMimicRoIHead",
+    "RegistryGenericRoIExtractor",
+    "RegistrySingleRoIExtractor",
+]

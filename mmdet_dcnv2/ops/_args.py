@@ -18,8 +18,11 @@ def pair(value: Union[int, Sequence[int]], name: str) -> List[int]:
     """An int or a pair of ints as [height, width]."""
     if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
         return [value, value]
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
-            isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool) for v in value):
+    if (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool) for v in value)
+    ):
         return list(value)
     raise ValueError(f"{name} must be an int or a pair of ints (height, width), got {value!r}")
 

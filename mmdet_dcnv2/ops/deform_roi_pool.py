@@ -55,19 +55,22 @@ def deform_roi_pool(
         check_tensor(offset, "offset", floating=True)
         input = input.to(offset.dtype)
     rois = rois.to(input.dtype)
-    return _forward_op(input, rois, offset, pair(output_size, "output_size"), float(spatial_scale),
-                       int(sampling_ratio), float(gamma))
+    return _forward_op(
+        input, rois, offset, pair(output_size, "output_size"), float(spatial_scale), int(sampling_ratio), float(gamma)
+    )
 
 
 def _check_shapes(input: Tensor, rois: Tensor, offset: Optional[Tensor], output_size) -> tuple:
     torch._check(input.dim() == 4, lambda: f"input must be 4-D (N, C, H, W), got shape {tuple(input.shape)}")
-    torch._check(rois.dim() == 2 and rois.shape[1] == 5,
-                 lambda: f"rois must have shape (R, 5), got shape {tuple(rois.shape)}")
+    torch._check(
+        rois.dim() == 2 and rois.shape[1] == 5, lambda: f"rois must have shape (R, 5), got shape {tuple(rois.shape)}"
+    )
     out_shape = (rois.shape[0], input.shape[1], output_size[0], output_size[1])
     if offset is not None:
         expected = (rois.shape[0], 2, output_size[0], output_size[1])
-        torch._check(tuple(offset.shape) == expected,
-                     lambda: f"offset must have shape {expected}, got {tuple(offset.shape)}")
+        torch._check(
+            tuple(offset.shape) == expected, lambda: f"offset must have shape {expected}, got {tuple(offset.shape)}"
+        )
     return out_shape
 
 
@@ -77,8 +80,7 @@ def _forward_fake(input, rois, offset, output_size, spatial_scale, sampling_rati
 
 
 @torch.library.register_fake("mmdet_dcnv2::deform_roi_pool_backward")
-def _backward_fake(grad_output, input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma,
-                   output_mask):
+def _backward_fake(grad_output, input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, output_mask):
     _check_shapes(input, rois, offset, output_size)
     need_input, need_offset = output_mask
     grad_input = input.new_empty(input.shape) if need_input else input.new_empty((0,))

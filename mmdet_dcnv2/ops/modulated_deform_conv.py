@@ -45,8 +45,18 @@ def modulated_deform_conv2d(
         mask = check_tensor(mask, "mask").to(dtype)
     if bias is not None:
         bias = check_tensor(bias, "bias").to(dtype)
-    return _forward_op(input, offset, mask, weight, bias, pair(stride, "stride"), pair(padding, "padding"),
-                       pair(dilation, "dilation"), groups, deform_groups)
+    return _forward_op(
+        input,
+        offset,
+        mask,
+        weight,
+        bias,
+        pair(stride, "stride"),
+        pair(padding, "padding"),
+        pair(dilation, "dilation"),
+        groups,
+        deform_groups,
+    )
 
 
 def _output_size(input: Tensor, weight: Tensor, stride, padding, dilation) -> Tuple[int, int]:
@@ -64,20 +74,27 @@ def _forward_fake(input, offset, mask, weight, bias, stride, padding, dilation, 
     out_h, out_w = _output_size(input, weight, stride, padding, dilation)
     taps = weight.shape[2] * weight.shape[3]
     expected = (input.shape[0], 2 * deform_groups * taps, out_h, out_w)
-    torch._check(tuple(offset.shape) == expected,
-                 lambda: f"offset must have shape {expected}, got {tuple(offset.shape)}")
+    torch._check(
+        tuple(offset.shape) == expected, lambda: f"offset must have shape {expected}, got {tuple(offset.shape)}"
+    )
     return input.new_empty((input.shape[0], weight.shape[0], out_h, out_w))
 
 
 @torch.library.register_fake("mmdet_dcnv2::modulated_deform_conv2d_backward")
-def _backward_fake(grad_output, input, offset, mask, weight, bias, stride, padding, dilation, groups,
-                   deform_groups, output_mask):
+def _backward_fake(
+    grad_output, input, offset, mask, weight, bias, stride, padding, dilation, groups, deform_groups, output_mask
+):
     def grad_like(tensor, wanted):
         return tensor.new_empty(tensor.shape) if wanted and tensor is not None else input.new_empty((0,))
 
     need_input, need_offset, need_weight = output_mask
-    return (grad_like(input, need_input), grad_like(offset, need_offset), grad_like(mask, need_offset),
-            grad_like(weight, need_weight), grad_like(bias, need_weight))
+    return (
+        grad_like(input, need_input),
+        grad_like(offset, need_offset),
+        grad_like(mask, need_offset),
+        grad_like(weight, need_weight),
+        grad_like(bias, need_weight),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -91,14 +108,19 @@ def _backward(ctx, grad_output):
     need = ctx.needs_input_grad
     output_mask = [need[0], need[1] or need[2], need[3] or need[4]]
     grad_input, grad_offset, grad_mask, grad_weight, grad_bias = _backward_op(
-        grad_output, input, offset, mask, weight, bias, *ctx.params, output_mask)
+        grad_output, input, offset, mask, weight, bias, *ctx.params, output_mask
+    )
     return (
         grad_input if need[0] else None,
         grad_offset if need[1] else None,
         grad_mask if need[2] and mask is not None else None,
         grad_weight if need[3] else None,
         grad_bias if need[4] and bias is not None else None,
-        None, None, None, None, None,
+        None,
+        None,
+        None,
+        None,
+        None,
     )
 
 

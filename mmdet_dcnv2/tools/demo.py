@@ -31,7 +31,8 @@ import statistics
 import time
 from typing import Dict, List, Optional
 
-MODELS = {
+# Not MODELS: that is the registry's name everywhere else in mmdet code.
+DEMO_CONFIGS = {
     "dcnv2": "faster_rcnn_r50_fpn_mdconv_c3-c5_shapes.py",
     "baseline": "faster_rcnn_r50_fpn_shapes.py",
 }
@@ -71,12 +72,20 @@ def _init_distributed() -> bool:
     return True
 
 
-def build_config(model: str, data_root: str, run_dir: str, seed: int, epochs: Optional[int] = None,
-                 batch_size: Optional[int] = None, distributed: bool = False,
-                 cfg_options: Optional[Dict] = None, config: Optional[str] = None):
+def build_config(
+    model: str,
+    data_root: str,
+    run_dir: str,
+    seed: int,
+    epochs: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    distributed: bool = False,
+    cfg_options: Optional[Dict] = None,
+    config: Optional[str] = None,
+):
     from mmengine.config import Config
 
-    cfg = Config.fromfile(config or config_path(MODELS[model]))
+    cfg = Config.fromfile(config or config_path(DEMO_CONFIGS[model]))
     data_root = osp.abspath(data_root).rstrip("/") + "/"
     for split in ("train", "val", "test"):
         cfg[f"{split}_dataloader"].dataset.data_root = data_root
@@ -167,9 +176,10 @@ def draw_detections(runner, out_dir: str, num_images: int, score_thr: float, sca
     import mmcv
     import torch
     from mmengine.dataset import pseudo_collate
-    from mmengine.model import is_model_wrapper
 
-    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+    from mmdet_dcnv2.engine import unwrap_model
+
+    model = unwrap_model(runner.model)
     model.eval()
     dataset = runner.test_dataloader.dataset
     visualizer = runner.visualizer
@@ -182,9 +192,16 @@ def draw_detections(runner, out_dir: str, num_images: int, score_thr: float, sca
         image = mmcv.imread(result.img_path, channel_order="rgb")
         image = mmcv.imrescale(image, scale, interpolation="nearest")
         out_file = osp.join(out_dir, osp.basename(result.img_path))
-        visualizer.add_datasample(osp.basename(result.img_path), image, data_sample=_upscale(result, scale),
-                                  draw_gt=True,
-                                  draw_pred=True, show=False, pred_score_thr=score_thr, out_file=out_file)
+        visualizer.add_datasample(
+            osp.basename(result.img_path),
+            image,
+            data_sample=_upscale(result, scale),
+            draw_gt=True,
+            draw_pred=True,
+            show=False,
+            pred_score_thr=score_thr,
+            out_file=out_file,
+        )
         written.append(out_file)
     return written
 
@@ -194,8 +211,9 @@ def run_one(model: str, seed: int, args, distributed: bool) -> Dict:
 
     rank, _ = _dist_info()
     run_dir = osp.abspath(osp.join(args.work_dir, model, f"seed{seed}"))
-    cfg = build_config(model, args.data_root, run_dir, seed, args.epochs, args.batch_size, distributed,
-                       args.cfg_options)
+    cfg = build_config(
+        model, args.data_root, run_dir, seed, args.epochs, args.batch_size, distributed, args.cfg_options
+    )
     runner = Runner.from_cfg(cfg)
     start = time.perf_counter()
     runner.train()
@@ -211,23 +229,33 @@ def run_one(model: str, seed: int, args, distributed: bool) -> Dict:
     scalars = osp.join(log_dir, "vis_data", "scalars.json")
     shutil.copy(scalars, osp.join(run_dir, "scalars.json"))
     records = train_scalars(scalars)
-    plot_losses({model: records}, osp.join(run_dir, "loss_curve.png"),
-                f"{model} ({osp.basename(cfg.filename)}), seed {seed}")
+    plot_losses(
+        {model: records}, osp.join(run_dir, "loss_curve.png"), f"{model} ({osp.basename(cfg.filename)}), seed {seed}"
+    )
     images = draw_detections(runner, osp.join(run_dir, "vis"), args.num_vis, args.score_thr)
 
-    model_module = runner.model.module if hasattr(runner.model, "module") else runner.model
+    from mmdet_dcnv2.engine import unwrap_model
+
+    model_module = unwrap_model(runner.model)
     deformable = sorted({type(m).__name__ for m in model_module.modules() if hasattr(m, "conv_offset")})
     num_deformable = sum(1 for m in model_module.modules() if hasattr(m, "conv_offset"))
     coco = {key.split("/", 1)[1]: float(value) for key, value in metrics.items() if key.startswith("coco/")}
     result = {
-        "model": model, "config": osp.basename(cfg.filename), "seed": seed,
-        "epochs": cfg.train_cfg.max_epochs, "iterations": runner.iter,
-        "train_images": len(runner.train_dataloader.dataset), "val_images": len(runner.test_dataloader.dataset),
-        "world_size": _dist_info()[1], "deformable_layers": {"types": deformable, "count": num_deformable},
-        "train_time_s": round(train_time, 1), "test_time_s": round(test_time, 1),
+        "model": model,
+        "config": osp.basename(cfg.filename),
+        "seed": seed,
+        "epochs": cfg.train_cfg.max_epochs,
+        "iterations": runner.iter,
+        "train_images": len(runner.train_dataloader.dataset),
+        "val_images": len(runner.test_dataloader.dataset),
+        "world_size": _dist_info()[1],
+        "deformable_layers": {"types": deformable, "count": num_deformable},
+        "train_time_s": round(train_time, 1),
+        "test_time_s": round(test_time, 1),
         "bbox": {key: coco[key] for key in METRIC_KEYS if key in coco},
-        "bbox_per_class": {key[:-len("_precision")]: value for key, value in coco.items()
-                           if key.endswith("_precision")},
+        "bbox_per_class": {
+            key[: -len("_precision")]: value for key, value in coco.items() if key.endswith("_precision")
+        },
         "final_loss": records[-1]["loss"] if records else None,
         "loss_curve": [{"step": r["step"], "loss": r["loss"]} for r in records],
         "visualisations": [osp.relpath(p, run_dir) for p in images],
@@ -240,14 +268,15 @@ def run_one(model: str, seed: int, args, distributed: bool) -> Dict:
 
 def summarise(results: List[Dict]) -> Dict:
     summary = {}
-    for model in MODELS:
+    for model in DEMO_CONFIGS:
         runs = [r for r in results if r["model"] == model]
         if not runs:
             continue
         aps = [100 * r["bbox"]["bbox_mAP"] for r in runs]
         ap50s = [100 * r["bbox"]["bbox_mAP_50"] for r in runs]
         summary[model] = {
-            "config": runs[0]["config"], "seeds": [r["seed"] for r in runs],
+            "config": runs[0]["config"],
+            "seeds": [r["seed"] for r in runs],
             "bbox_mAP": round(statistics.mean(aps), 2),
             "bbox_mAP_std": round(statistics.stdev(aps), 2) if len(aps) > 1 else None,
             "bbox_mAP_50": round(statistics.mean(ap50s), 2),
@@ -262,8 +291,10 @@ def format_summary(summary: Dict) -> str:
     lines = [f"{'model':<9} {'config':<42} {'seeds':>5} {'AP':>13} {'AP50':>6} {'train s':>8} {'test s':>7}"]
     for model, s in summary.items():
         ap = f"{s['bbox_mAP']:.1f}" + (f" +- {s['bbox_mAP_std']:.1f}" if s["bbox_mAP_std"] is not None else "")
-        lines.append(f"{model:<9} {s['config']:<42} {len(s['seeds']):>5} {ap:>13} {s['bbox_mAP_50']:>6.1f} "
-                     f"{s['train_time_s']:>8.0f} {s['test_time_s']:>7.0f}")
+        lines.append(
+            f"{model:<9} {s['config']:<42} {len(s['seeds']):>5} {ap:>13} {s['bbox_mAP_50']:>6.1f} "
+            f"{s['train_time_s']:>8.0f} {s['test_time_s']:>7.0f}"
+        )
     if "dcnv2" in summary and "baseline" in summary:
         delta = summary["dcnv2"]["bbox_mAP"] - summary["baseline"]["bbox_mAP"]
         lines.append(f"DCNv2 - baseline: {delta:+.1f} AP (COCO bbox mAP@[.5:.95], val split)")
@@ -276,10 +307,16 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train, evaluate and draw a DCNv2 detector on embedded shapes data.")
     parser.add_argument("--work-dir", default="work_dirs/shapes_demo")
     parser.add_argument("--data-root", default="data/shapes", help="generated here if missing")
-    parser.add_argument("--baseline", action="store_true",
-                        help="also train the same model without DCN and print both APs side by side")
-    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None,
-                        help="which models to run (default: dcnv2, or baseline and dcnv2 with --baseline)")
+    parser.add_argument(
+        "--baseline", action="store_true", help="also train the same model without DCN and print both APs side by side"
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=sorted(DEMO_CONFIGS),
+        default=None,
+        help="which models to run (default: dcnv2, or baseline and dcnv2 with --baseline)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--epochs", type=int, default=None, help="override the config's max_epochs")
     parser.add_argument("--batch-size", type=int, default=None)
@@ -288,9 +325,13 @@ def parse_args(argv=None):
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the generated dataset")
     parser.add_argument("--num-vis", type=int, default=8, help="validation images to draw")
     parser.add_argument("--score-thr", type=float, default=0.5, help="score threshold of the drawings")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on a 2-core machine that is busy with anything else, "
-                             "2 OpenMP threads run several times slower; 0 keeps torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a 2-core machine that is busy with anything else, "
+        "2 OpenMP threads run several times slower; 0 keeps torch's default)",
+    )
     parser.add_argument("--cfg-options", nargs="+", action=DictAction, help="mmengine config overrides")
     args = parser.parse_args(argv)
     if args.models is None:
@@ -328,14 +369,23 @@ def main(argv=None) -> Dict:
     if rank != 0:
         return {}
     summary = summarise(results)
-    summary_file = {"summary": summary, "runs": [{k: v for k, v in r.items() if k != "loss_curve"} for r in results],
-                    "total_time_s": round(time.perf_counter() - started, 1), "data_root": osp.abspath(args.data_root),
-                    "num_train": args.num_train, "num_val": args.num_val}
+    summary_file = {
+        "summary": summary,
+        "runs": [{k: v for k, v in r.items() if k != "loss_curve"} for r in results],
+        "total_time_s": round(time.perf_counter() - started, 1),
+        "data_root": osp.abspath(args.data_root),
+        "num_train": args.num_train,
+        "num_val": args.num_val,
+    }
     os.makedirs(args.work_dir, exist_ok=True)
     with open(osp.join(args.work_dir, "summary.json"), "w") as f:
         json.dump(summary_file, f, indent=1)
-    plot_losses({f"{r['model']} seed {r['seed']}": r["loss_curve"] for r in results},
-                osp.join(args.work_dir, "loss_curves.png"), "training loss", components=False)
+    plot_losses(
+        {f"{r['model']} seed {r['seed']}": r["loss_curve"] for r in results},
+        osp.join(args.work_dir, "loss_curves.png"),
+        "training loss",
+        components=False,
+    )
     table = format_summary(summary)
     with open(osp.join(args.work_dir, "summary.txt"), "w") as f:
         f.write(table + "\n")

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import os.path as osp
+import sys
 import time
 from typing import Dict, List
 
@@ -31,14 +32,20 @@ def parse_args(argv=None):
 
     parser = argparse.ArgumentParser(
         description="Effective receptive fields, effective sampling/bin locations and error-bounded saliency "
-                    "regions of a detector's nodes (DCNv2 paper, Sec. 2.1).")
+        "regions of a detector's nodes (DCNv2 paper, Sec. 2.1)."
+    )
     parser.add_argument("config", help="mmdet config (with custom_imports=['mmdet_dcnv2'] for DCNv2 models)")
     parser.add_argument("checkpoint", help="checkpoint file")
     parser.add_argument("image", help="image file")
     parser.add_argument("--out-dir", default=None, help="default: work_dirs/spatial_support/<image name>")
-    parser.add_argument("--nodes", nargs="+", default=list(DEFAULT_NODES), metavar="KIND:WHERE[#INDEX]",
-                        help="conv:det0 | conv:X,Y[#CHANNEL] | cls:det0 | cls:X1,Y1,X2,Y2[#CLASS] | reg:... "
-                             f"(original-image pixels; default: {' '.join(DEFAULT_NODES)})")
+    parser.add_argument(
+        "--nodes",
+        nargs="+",
+        default=list(DEFAULT_NODES),
+        metavar="KIND:WHERE[#INDEX]",
+        help="conv:det0 | conv:X,Y[#CHANNEL] | cls:det0 | cls:X1,Y1,X2,Y2[#CLASS] | reg:... "
+        f"(original-image pixels; default: {' '.join(DEFAULT_NODES)})",
+    )
     parser.add_argument("--max-error", type=float, default=0.1, help="relative error bound of the saliency region")
     parser.add_argument("--cell", type=int, default=4, help="saliency search granularity, in pixels")
     parser.add_argument("--batch-size", type=int, default=16, help="masked images per batched forward pass")
@@ -86,15 +93,26 @@ def main(argv=None) -> Dict:
             save_view(record, view, osp.join(out_dir, f"{node.name}_{view}.png"))
         results.append(summary(record))
         saliency = results[-1]["saliency"]
-        print(f"{node.name}: {node.label}; saliency region {100 * saliency['area_fraction']:.1f}% of the image, "
-              f"error {saliency['error']:.3f}, {saliency['masked_images']} masked images in "
-              f"{saliency['forward_passes']} batched forward passes (the full image's included)", flush=True)
+        print(
+            f"{node.name}: {node.label}; saliency region {100 * saliency['area_fraction']:.1f}% of the image, "
+            f"error {saliency['error']:.3f}, {saliency['masked_images']} masked images in "
+            f"{saliency['forward_passes']} batched forward passes (the full image's included)",
+            flush=True,
+        )
 
-    report = {"config": args.config, "checkpoint": args.checkpoint, "image": args.image,
-              "network_input_size": list(image.size), "scale_factor": list(image.scale_factor),
-              "detections": [{"box": [round(float(v), 2) for v in box], "score": float(score), "label": int(label)}
-                             for box, score, label in zip(*detections)],
-              "nodes": results, "total_seconds": round(time.perf_counter() - started, 2)}
+    report = {
+        "config": args.config,
+        "checkpoint": args.checkpoint,
+        "image": args.image,
+        "network_input_size": list(image.size),
+        "scale_factor": list(image.scale_factor),
+        "detections": [
+            {"box": [round(float(v), 2) for v in box], "score": float(score), "label": int(label)}
+            for box, score, label in zip(*detections)
+        ],
+        "nodes": results,
+        "total_seconds": round(time.perf_counter() - started, 2),
+    }
     with open(osp.join(out_dir, "summary.json"), "w") as f:
         json.dump(report, f, indent=1)
     print(f"written under {osp.abspath(out_dir)}", flush=True)
@@ -102,4 +120,7 @@ def main(argv=None) -> Dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:  # bad arguments: one line, not a traceback
+        sys.exit(f"spatial_support: {error}")

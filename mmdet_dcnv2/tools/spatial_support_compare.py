@@ -20,8 +20,12 @@ def main(argv=None) -> str:
     parser.add_argument("--labels", nargs="+", default=None, help="one row label per file (default: file paths)")
     parser.add_argument("--out", required=True, help="PNG to write")
     parser.add_argument("--dpi", type=int, default=90)
-    parser.add_argument("--colors", type=int, default=0,
-                        help="save as a palette PNG of this many colours (about 3x smaller; for docs); 0: full colour")
+    parser.add_argument(
+        "--colors",
+        type=int,
+        default=0,
+        help="save as a palette PNG of this many colours (about 3x smaller; for docs); 0: full colour",
+    )
     args = parser.parse_args(argv)
     labels = args.labels or args.records
     if len(labels) != len(args.records):
@@ -40,14 +44,18 @@ def main(argv=None) -> str:
         values = [str(record[key]) for record in records]
         if len(set(values)) > 1:
             listing = "; ".join(f"{path}: {value}" for path, value in zip(args.records, values))
-            print(f"warning: the records are not of the same {what} ({listing}); the panels are not comparable "
-                  f"one to one", file=sys.stderr)
+            print(
+                f"warning: the records are not of the same {what} ({listing}); the panels are not comparable "
+                f"one to one",
+                file=sys.stderr,
+            )
     save_comparison(records, labels, args.out, dpi=args.dpi)
     if args.colors:
         from PIL import Image  # matplotlib's own dependency
 
         Image.open(args.out).convert("RGB").quantize(args.colors, method=Image.Quantize.MEDIANCUT).save(
-            args.out, optimize=True)
+            args.out, optimize=True
+        )
     print(f"written {args.out}")
     return args.out
 

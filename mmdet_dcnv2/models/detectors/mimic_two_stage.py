@@ -22,8 +22,10 @@ class MimicDetectorMixin:
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(self.roi_head, RCNNMimicRoIHead):
-            raise TypeError(f"{type(self).__name__}: roi_head must be an RCNNMimicRoIHead, got "
-                            f"{type(self.roi_head).__name__} (without mimicking, use {self.stock_type})")
+            raise TypeError(
+                f"{type(self).__name__}: roi_head must be an RCNNMimicRoIHead, got "
+                f"{type(self.roi_head).__name__} (without mimicking, use {self.stock_type})"
+            )
 
     def loss(self, batch_inputs: Tensor, batch_data_samples: SampleList) -> dict:
         with self.roi_head.mimic_source(batch_inputs, self.extract_feat):

@@ -7,7 +7,7 @@ configs and model-zoo checkpoints work unchanged; the offsets (and masks) come f
 """
 
 import math
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from mmdet.registry import MODELS
@@ -17,8 +17,6 @@ from torch.nn.modules.utils import _pair, _single
 
 from mmdet_dcnv2.ops import modulated_deform_conv2d
 
-from .legacy_keys import migrate_legacy_offset_keys_at_parent
-
 IntPair = Union[int, Tuple[int, int]]
 
 
@@ -27,7 +25,8 @@ class _DeformConvPack(nn.Module):
 
     Subclasses set ``points_per_tap``, how many channels of ``conv_offset`` each kernel tap of
     each deformable group gets (2 for (dy, dx); 3 with the modulation scalar), and define
-    ``reset_parameters`` (the weight initialisation of their mmcv counterpart).
+    ``reset_parameters`` (the weight initialisation of their mmcv counterpart) and
+    ``offset_and_mask`` (how ``conv_offset``'s channels become the op's offsets and masks).
     """
 
     points_per_tap: int
@@ -35,17 +34,29 @@ class _DeformConvPack(nn.Module):
     # checkpoints' metadata identical to mmcv's.
     _version = 2
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
-                 padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1, deform_groups: int = 1,
-                 bias: Union[bool, str] = True) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: IntPair = 0,
+        dilation: IntPair = 1,
+        groups: int = 1,
+        deform_groups: int = 1,
+        bias: Union[bool, str] = True,
+    ) -> None:
         super().__init__()
-        checks = (("in_channels", in_channels, "groups", groups),
-                  ("out_channels", out_channels, "groups", groups),
-                  ("in_channels", in_channels, "deform_groups", deform_groups))
+        checks = (
+            ("in_channels", in_channels, "groups", groups),
+            ("out_channels", out_channels, "groups", groups),
+            ("in_channels", in_channels, "deform_groups", deform_groups),
+        )
         for arg, value, divisor_name, divisor in checks:
             if divisor < 1 or value % divisor != 0:
-                raise ValueError(f"{type(self).__name__}: {arg} ({value}) must be divisible by "
-                                 f"{divisor_name} ({divisor})")
+                raise ValueError(
+                    f"{type(self).__name__}: {arg} ({value}) must be divisible by {divisor_name} ({divisor})"
+                )
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = _pair(kernel_size)
@@ -64,9 +75,15 @@ class _DeformConvPack(nn.Module):
         else:
             self.register_parameter("bias", None)
         taps = self.kernel_size[0] * self.kernel_size[1]
-        self.conv_offset = nn.Conv2d(in_channels, deform_groups * self.points_per_tap * taps,
-                                     kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
-                                     dilation=self.dilation, bias=True)
+        self.conv_offset = nn.Conv2d(
+            in_channels,
+            deform_groups * self.points_per_tap * taps,
+            kernel_size=self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            bias=True,
+        )
         self.init_weights()
 
     def init_offset(self) -> None:
@@ -80,14 +97,32 @@ class _DeformConvPack(nn.Module):
         self.reset_parameters()
         self.init_offset()
 
-    def _deform(self, x: Tensor, offset: Tensor, mask) -> Tensor:
-        return modulated_deform_conv2d(x, offset, mask, self.weight, self.bias, self.stride, self.padding,
-                                       self.dilation, self.groups, self.deform_groups)
+    def offset_and_mask(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """What the layer samples ``x`` with: offsets (N, 2 * deform_groups * taps, Ho, Wo), (dy, dx) per
+        tap, and masks (N, deform_groups * taps, Ho, Wo), or None for DConv (no modulation)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        offset, mask = self.offset_and_mask(x)
+        return modulated_deform_conv2d(
+            x,
+            offset,
+            mask,
+            self.weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.deform_groups,
+        )
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-                f"groups={self.groups}, deform_groups={self.deform_groups}, bias={self.bias is not None}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+            f"groups={self.groups}, deform_groups={self.deform_groups}, bias={self.bias is not None}"
+        )
 
 
 @MODELS.register_module()
@@ -102,11 +137,19 @@ class MDConv(_DeformConvPack):
     points_per_tap = 3
 
     @deprecated_api_warning({"deformable_groups": "deform_groups"}, cls_name="MDConv")
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
-                 padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1, deform_groups: int = 1,
-                 bias: Union[bool, str] = True) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                         deform_groups, bias)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: IntPair = 0,
+        dilation: IntPair = 1,
+        groups: int = 1,
+        deform_groups: int = 1,
+        bias: Union[bool, str] = True,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, deform_groups, bias)
 
     def reset_parameters(self) -> None:
         # mmcv's ModulatedDeformConv2d initialisation.
@@ -115,9 +158,9 @@ class MDConv(_DeformConvPack):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def offset_and_mask(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         o1, o2, mask = torch.chunk(self.conv_offset(x), 3, dim=1)
-        return self._deform(x, torch.cat((o1, o2), dim=1), torch.sigmoid(mask))
+        return torch.cat((o1, o2), dim=1), torch.sigmoid(mask)
 
 
 @MODELS.register_module()
@@ -133,11 +176,20 @@ class DConv(_DeformConvPack):
     points_per_tap = 2
 
     @deprecated_api_warning({"deformable_groups": "deform_groups"}, cls_name="DConv")
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
-                 padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1, deform_groups: int = 1,
-                 bias: bool = False, im2col_step: int = 32) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                         deform_groups, bias)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: IntPair = 0,
+        dilation: IntPair = 1,
+        groups: int = 1,
+        deform_groups: int = 1,
+        bias: bool = False,
+        im2col_step: int = 32,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, deform_groups, bias)
 
     def reset_parameters(self) -> None:
         # mmcv's DeformConv2d initialisation.
@@ -145,8 +197,5 @@ class DConv(_DeformConvPack):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self._deform(x, self.conv_offset(x), None)
-
-
-migrate_legacy_offset_keys_at_parent(MDConv, DConv)
+    def offset_and_mask(self, x: Tensor) -> Tuple[Tensor, None]:
+        return self.conv_offset(x), None

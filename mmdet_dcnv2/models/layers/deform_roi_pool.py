@@ -24,9 +24,15 @@ from mmdet_dcnv2.ops import deform_roi_pool
 class _DeformRoIPoolPack(nn.Module):
     """What DPool and MDPool share: mmcv's attributes, the plain first pass and the offset branch."""
 
-    def __init__(self, output_size: Union[int, Tuple[int, int]], output_channels: int,
-                 deform_fc_channels: int = 1024, spatial_scale: float = 1.0, sampling_ratio: int = 0,
-                 gamma: float = 0.1) -> None:
+    def __init__(
+        self,
+        output_size: Union[int, Tuple[int, int]],
+        output_channels: int,
+        deform_fc_channels: int = 1024,
+        spatial_scale: float = 1.0,
+        sampling_ratio: int = 0,
+        gamma: float = 0.1,
+    ) -> None:
         super().__init__()
         self.output_size = _pair(output_size)  # mmdet's extractors read it as a tuple
         self.output_channels = output_channels
@@ -34,8 +40,11 @@ class _DeformRoIPoolPack(nn.Module):
         self.spatial_scale = float(spatial_scale)
         self.sampling_ratio = int(sampling_ratio)
         self.gamma = float(gamma)
-        for name, value in (("output_size", min(self.output_size)), ("output_channels", output_channels),
-                            ("deform_fc_channels", deform_fc_channels)):
+        for name, value in (
+            ("output_size", min(self.output_size)),
+            ("output_channels", output_channels),
+            ("deform_fc_channels", deform_fc_channels),
+        ):
             if value < 1:
                 raise ValueError(f"{type(self).__name__}: {name} must be positive, got {value}")
         self.offset_fc = nn.Sequential(
@@ -43,7 +52,8 @@ class _DeformRoIPoolPack(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(deform_fc_channels, deform_fc_channels),
             nn.ReLU(inplace=True),
-            nn.Linear(deform_fc_channels, self.num_bins * 2))
+            nn.Linear(deform_fc_channels, self.num_bins * 2),
+        )
         _zero_init(self.offset_fc[-1])
 
     @property
@@ -51,14 +61,15 @@ class _DeformRoIPoolPack(nn.Module):
         return self.output_size[0] * self.output_size[1]
 
     def _pool(self, input: Tensor, rois: Tensor, offset: Optional[Tensor], spatial_scale: float) -> Tensor:
-        return deform_roi_pool(input, rois, offset, self.output_size, spatial_scale, self.sampling_ratio,
-                               self.gamma)
+        return deform_roi_pool(input, rois, offset, self.output_size, spatial_scale, self.sampling_ratio, self.gamma)
 
     def _plain_features(self, input: Tensor, rois: Tensor, spatial_scale: Optional[float]):
         """The first, offset-free pass, flattened per RoI for the fc branches."""
         if input.size(1) != self.output_channels:
-            raise ValueError(f"{type(self).__name__} was built with output_channels={self.output_channels} "
-                             f"but got a feature map with {input.size(1)} channels")
+            raise ValueError(
+                f"{type(self).__name__} was built with output_channels={self.output_channels} "
+                f"but got a feature map with {input.size(1)} channels"
+            )
         scale = self.spatial_scale if spatial_scale is None else spatial_scale
         return self._pool(input, rois, None, scale).flatten(1), scale  # flatten(1) keeps 0 RoIs working
 
@@ -66,9 +77,11 @@ class _DeformRoIPoolPack(nn.Module):
         return self.offset_fc(features).view(-1, 2, *self.output_size)
 
     def extra_repr(self) -> str:
-        return (f"output_size={self.output_size}, output_channels={self.output_channels}, "
-                f"deform_fc_channels={self.deform_fc_channels}, spatial_scale={self.spatial_scale}, "
-                f"sampling_ratio={self.sampling_ratio}, gamma={self.gamma}")
+        return (
+            f"output_size={self.output_size}, output_channels={self.output_channels}, "
+            f"deform_fc_channels={self.deform_fc_channels}, spatial_scale={self.spatial_scale}, "
+            f"sampling_ratio={self.sampling_ratio}, gamma={self.gamma}"
+        )
 
 
 def _zero_init(linear: nn.Linear) -> None:
@@ -97,16 +110,22 @@ class MDPool(_DeformRoIPoolPack):
     ``spatial_scale`` may be given per call, as for :class:`DPool`.
     """
 
-    def __init__(self, output_size: Union[int, Tuple[int, int]], output_channels: int,
-                 deform_fc_channels: int = 1024, spatial_scale: float = 1.0, sampling_ratio: int = 0,
-                 gamma: float = 0.1) -> None:
-        super().__init__(output_size, output_channels, deform_fc_channels, spatial_scale, sampling_ratio,
-                         gamma)
+    def __init__(
+        self,
+        output_size: Union[int, Tuple[int, int]],
+        output_channels: int,
+        deform_fc_channels: int = 1024,
+        spatial_scale: float = 1.0,
+        sampling_ratio: int = 0,
+        gamma: float = 0.1,
+    ) -> None:
+        super().__init__(output_size, output_channels, deform_fc_channels, spatial_scale, sampling_ratio, gamma)
         self.mask_fc = nn.Sequential(
             nn.Linear(self.num_bins * output_channels, deform_fc_channels),
             nn.ReLU(inplace=True),
             nn.Linear(deform_fc_channels, self.num_bins),
-            nn.Sigmoid())
+            nn.Sigmoid(),
+        )
         _zero_init(self.mask_fc[2])
 
     def forward(self, input: Tensor, rois: Tensor, spatial_scale: Optional[float] = None) -> Tensor:

@@ -17,8 +17,9 @@ def cosine_mimic_loss(pred: Tensor, target: Tensor) -> Tensor:
     1024-D vectors would lose most of the digits that separate a cosine of 0.99 from 1.
     """
     if pred.shape != target.shape or pred.dim() != 2:
-        raise ValueError(f"pred and target must be (n, d) features of one shape, got {tuple(pred.shape)} "
-                         f"and {tuple(target.shape)}")
+        raise ValueError(
+            f"pred and target must be (n, d) features of one shape, got {tuple(pred.shape)} and {tuple(target.shape)}"
+        )
     return 1 - F.cosine_similarity(pred.float(), target.float(), dim=1)
 
 
@@ -39,8 +40,14 @@ class CosineMimicLoss(nn.Module):
         self.reduction = reduction
         self.loss_weight = loss_weight
 
-    def forward(self, pred: Tensor, target: Tensor, weight: Optional[Tensor] = None,
-                avg_factor: Optional[float] = None, reduction_override: Optional[str] = None) -> Tensor:
+    def forward(
+        self,
+        pred: Tensor,
+        target: Tensor,
+        weight: Optional[Tensor] = None,
+        avg_factor: Optional[float] = None,
+        reduction_override: Optional[str] = None,
+    ) -> Tensor:
         reduction = reduction_override or self.reduction
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction_override must be one of {REDUCTIONS}, got {reduction!r}")

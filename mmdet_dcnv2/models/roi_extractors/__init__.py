@@ -1,5 +1,8 @@
-from .registry_roi_extractors import (RegistryGenericRoIExtractor, RegistryRoILayerMixin,
-                                      RegistrySingleRoIExtractor, resolve_roi_layer)
+from .registry_roi_extractors import (
+    RegistryGenericRoIExtractor,
+    RegistryRoILayerMixin,
+    RegistrySingleRoIExtractor,
+    resolve_roi_layer,
+)
 
-__all__ = ["RegistryGenericRoIExtractor", "RegistryRoILayerMixin", "RegistrySingleRoIExtractor",
-           "resolve_roi_layer"]
+__all__ = ["RegistryGenericRoIExtractor", "RegistryRoILayerMixin", "RegistrySingleRoIExtractor", "resolve_roi_layer"]

@@ -27,8 +27,10 @@ def resolve_roi_layer(layer_type: Union[str, type]) -> type:
         return layer_type
     layer_cls = MODELS.get(layer_type) or getattr(mmcv.ops, layer_type, None)
     if layer_cls is None:
-        raise KeyError(f"roi_layer type {layer_type!r} is neither registered in mmdet's MODELS registry "
-                       f"(e.g. 'MDPool', 'DPool') nor a class of mmcv.ops (e.g. 'RoIAlign')")
+        raise KeyError(
+            f"roi_layer type {layer_type!r} is neither registered in mmdet's MODELS registry "
+            f"(e.g. 'MDPool', 'DPool') nor a class of mmcv.ops (e.g. 'RoIAlign')"
+        )
     return layer_cls
 
 
@@ -66,10 +68,12 @@ class RegistryRoILayerMixin:
         layer = self.shared_roi_layer if share_roi_layer else self.roi_layers[0]
         layer_channels = getattr(layer, "output_channels", None)
         if layer_channels is not None and layer_channels != self.out_channels:
-            raise ValueError(f"{type(self).__name__}: roi_layer {type(layer).__name__} has "
-                             f"output_channels={layer_channels} but the extractor's out_channels is "
-                             f"{self.out_channels}; they must be equal (the channels of the pooled "
-                             "feature maps)")
+            raise ValueError(
+                f"{type(self).__name__}: roi_layer {type(layer).__name__} has "
+                f"output_channels={layer_channels} but the extractor's out_channels is "
+                f"{self.out_channels}; they must be equal (the channels of the pooled "
+                "feature maps)"
+            )
 
     def build_roi_layers(self, layer_cfg: ConfigType, featmap_strides: List[int]):
         cfg = layer_cfg.copy()
@@ -77,8 +81,10 @@ class RegistryRoILayerMixin:
         if not self.share_roi_layer:
             return nn.ModuleList([layer_cls(spatial_scale=1 / s, **cfg) for s in featmap_strides])
         if "spatial_scale" not in inspect.signature(layer_cls.forward).parameters:
-            raise ValueError(f"{type(self).__name__}: share_roi_layer=True needs a roi_layer whose forward "
-                             f"takes spatial_scale (MDPool, DPool); {layer_cls.__name__}'s does not")
+            raise ValueError(
+                f"{type(self).__name__}: share_roi_layer=True needs a roi_layer whose forward "
+                f"takes spatial_scale (MDPool, DPool); {layer_cls.__name__}'s does not"
+            )
         self.shared_roi_layer = layer_cls(spatial_scale=1 / featmap_strides[0], **cfg)
         return tuple(_PyramidLevel(self.shared_roi_layer, 1 / s) for s in featmap_strides)
 

@@ -43,8 +43,9 @@ MIN_CROP_SIDE = 1.0
 PATCHES_PER_CALL = 256
 
 
-def select_mimic_rois(sampling_results: List[SamplingResult], num_rois: int, mimic_on: str,
-                      num_classes: int) -> Tuple[Tensor, Tensor]:
+def select_mimic_rois(
+    sampling_results: List[SamplingResult], num_rois: int, mimic_on: str, num_classes: int
+) -> Tuple[Tensor, Tensor]:
     """Up to ``num_rois`` random RoIs per image from the sampler's: positives (``'fg'``), negatives
     (``'bg'``) or either (``'all'``).
 
@@ -55,10 +56,10 @@ def select_mimic_rois(sampling_results: List[SamplingResult], num_rois: int, mim
     for res in sampling_results:
         num_pos, num_neg = res.pos_inds.numel(), res.neg_inds.numel()
         device = res.pos_inds.device
-        image_labels = torch.cat([res.pos_gt_labels.long(),
-                                  torch.full((num_neg,), num_classes, dtype=torch.long, device=device)])
-        first, last = {"fg": (0, num_pos), "bg": (num_pos, num_pos + num_neg),
-                       "all": (0, num_pos + num_neg)}[mimic_on]
+        image_labels = torch.cat(
+            [res.pos_gt_labels.long(), torch.full((num_neg,), num_classes, dtype=torch.long, device=device)]
+        )
+        first, last = {"fg": (0, num_pos), "bg": (num_pos, num_pos + num_neg), "all": (0, num_pos + num_neg)}[mimic_on]
         candidates = torch.arange(first, last, device=device)
         if candidates.numel() > num_rois:
             candidates = candidates[torch.randperm(candidates.numel(), device=device)[:num_rois]]
@@ -79,17 +80,18 @@ def crop_and_resize(images: Tensor, rois: Tensor, size: int) -> Tensor:
     centre = (boxes[:, :2] + boxes[:, 2:]) / 2
     half = (boxes[:, 2:] - boxes[:, :2]).clamp(min=MIN_CROP_SIDE) / 2
     crop_rois = torch.cat([rois[:, :1].detach(), centre - half, centre + half], dim=1)
-    return deform_roi_pool(images, crop_rois.to(images.dtype), None, output_size=size, spatial_scale=1.0,
-                           sampling_ratio=0)
+    return deform_roi_pool(
+        images, crop_rois.to(images.dtype), None, output_size=size, spatial_scale=1.0, sampling_ratio=0
+    )
 
 
 def pool_patches(roi_extractor: nn.Module, crop_feats: Tuple[Tensor, ...], crop_size: int) -> Tensor:
     """Each crop's whole patch, (0, 0, crop_size, crop_size), pooled by ``roi_extractor`` from the
     crops' feature maps (at most PATCHES_PER_CALL crops per call)."""
-    feats = crop_feats[:roi_extractor.num_inputs]
+    feats = crop_feats[: roi_extractor.num_inputs]
     pooled = []
     for start in range(0, len(feats[0]), PATCHES_PER_CALL):
-        chunk = [f[start:start + PATCHES_PER_CALL] for f in feats]
+        chunk = [f[start : start + PATCHES_PER_CALL] for f in feats]
         count = len(chunk[0])
         rois = chunk[0].new_tensor([0.0, 0.0, 0.0, crop_size, crop_size], dtype=torch.float32).repeat(count, 1)
         rois[:, 0] = torch.arange(count, dtype=torch.float32, device=rois.device)
@@ -125,10 +127,17 @@ class RCNNMimicRoIHead(StandardRoIHead):
         (e.g. ``Shared2FCBBoxHead``): their output is the mimicked feature.
     """
 
-    def __init__(self, *args, num_rois: int = 32, crop_size: int = 224, mimic_on: str = "fg",
-                 loss_mimic: ConfigType = dict(type="CosineMimicLoss", loss_weight=0.1),
-                 loss_rcnn_cls: ConfigType = dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=0.1),
-                 **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        num_rois: int = 32,
+        crop_size: int = 224,
+        mimic_on: str = "fg",
+        # dict defaults as mmdet's heads have them; only read (built), never mutated
+        loss_mimic: ConfigType = dict(type="CosineMimicLoss", loss_weight=0.1),  # noqa: B006
+        loss_rcnn_cls: ConfigType = dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=0.1),  # noqa: B006
+        **kwargs,
+    ) -> None:
         for name, value in (("num_rois", num_rois), ("crop_size", crop_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"RCNNMimicRoIHead: {name} must be a positive int, got {value!r}")
@@ -136,9 +145,11 @@ class RCNNMimicRoIHead(StandardRoIHead):
             raise ValueError(f"RCNNMimicRoIHead: mimic_on must be one of {MIMIC_ON}, got {mimic_on!r}")
         super().__init__(*args, **kwargs)
         if not (isinstance(self.bbox_head, ConvFCBBoxHead) and self.bbox_head.num_shared_fcs > 0):
-            raise ValueError("RCNNMimicRoIHead: bbox_head must be a ConvFCBBoxHead with shared fcs (e.g. "
-                             f"Shared2FCBBoxHead), whose output is the mimicked feature; got "
-                             f"{type(self.bbox_head).__name__}")
+            raise ValueError(
+                "RCNNMimicRoIHead: bbox_head must be a ConvFCBBoxHead with shared fcs (e.g. "
+                f"Shared2FCBBoxHead), whose output is the mimicked feature; got "
+                f"{type(self.bbox_head).__name__}"
+            )
         self.num_rois, self.crop_size, self.mimic_on = num_rois, crop_size, mimic_on
         self.loss_mimic = MODELS.build(loss_mimic)
         self.loss_rcnn_cls = MODELS.build(loss_rcnn_cls)
@@ -170,16 +181,18 @@ class RCNNMimicRoIHead(StandardRoIHead):
         """``loss_mimic`` and ``loss_rcnn_cls`` for the RoIs of ``sampling_results``, whose Fast R-CNN
         RoI features (in bbox2roi order) are ``bbox_feats``."""
         if self._mimic_source is None:
-            raise RuntimeError("RCNNMimicRoIHead needs the input images in training: build the detector as "
-                               "MimicFasterRCNN or MimicMaskRCNN (or call loss inside head.mimic_source(...))")
+            raise RuntimeError(
+                "RCNNMimicRoIHead needs the input images in training: build the detector as "
+                "MimicFasterRCNN or MimicMaskRCNN (or call loss inside head.mimic_source(...))"
+            )
         images, extract_feat = self._mimic_source
-        indices, labels = select_mimic_rois(sampling_results, self.num_rois, self.mimic_on,
-                                            self.bbox_head.num_classes)
+        indices, labels = select_mimic_rois(sampling_results, self.num_rois, self.mimic_on, self.bbox_head.num_classes)
         if indices.numel() == 0:
             # Zero losses still connected to every parameter they would train, so that no parameter
             # goes without a gradient on one process of a distributed run (DDP would stop).
-            return dict(loss_mimic=bbox_feats.sum() * 0,
-                        loss_rcnn_cls=sum(p.sum() for p in self.rcnn_cls.parameters()) * 0)
+            return dict(
+                loss_mimic=bbox_feats.sum() * 0, loss_rcnn_cls=sum(p.sum() for p in self.rcnn_cls.parameters()) * 0
+            )
 
         rois = bbox2roi([res.priors for res in sampling_results])
         crops = crop_and_resize(images, rois[indices], self.crop_size)
@@ -188,5 +201,7 @@ class RCNNMimicRoIHead(StandardRoIHead):
             patch_feats = self.shared_head(patch_feats)
         f_rcnn = shared_fc_features(self.bbox_head, patch_feats)
         f_frcnn = shared_fc_features(self.bbox_head, bbox_feats[indices])
-        return dict(loss_mimic=self.loss_mimic(f_rcnn, f_frcnn, avg_factor=len(sampling_results)),
-                    loss_rcnn_cls=self.loss_rcnn_cls(self.rcnn_cls(f_rcnn).float(), labels))
+        return dict(
+            loss_mimic=self.loss_mimic(f_rcnn, f_frcnn, avg_factor=len(sampling_results)),
+            loss_rcnn_cls=self.loss_rcnn_cls(self.rcnn_cls(f_rcnn).float(), labels),
+        )
