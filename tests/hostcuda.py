@@ -8,7 +8,8 @@ namespace are ``mmdet_dcnv2_hostcuda``, so it never clashes with the shipped ext
 same process. Its ops take CPU tensors (the emulated GPU is the CPU device).
 
 Built once per source change with ``torch.utils.cpp_extension.load`` (ninja tracks the headers), in
-``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). ``MMDET_DCNV2_SANITIZE=1`` builds a
+the checkout's own ``build/hostcuda`` (not torch's per-user cache, which every clone and worktree would
+share under the same name, rebuilding and racing each other). ``MMDET_DCNV2_SANITIZE=1`` builds a
 separate copy with AddressSanitizer and UndefinedBehaviorSanitizer (``make sanitize``).
 """
 
@@ -70,8 +71,11 @@ def library():
     if sanitized():
         flags += SANITIZE_FLAGS
         name += "_sanitized"
+    build_directory = REPO / "build" / name
+    build_directory.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
         name=name,
+        build_directory=str(build_directory),
         sources=[str(s) for s in SOURCES],
         extra_cflags=flags,
         extra_ldflags=SANITIZE_FLAGS[:1] if sanitized() else [],
