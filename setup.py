@@ -6,6 +6,7 @@ MMDET_DCNV2_WITH_CUDA=1 (0 turns them off; default auto). With no GPU to detect 
 TORCH_CUDA_ARCH_LIST given, a default list of architectures is compiled.
 """
 
+import functools
 import glob
 import importlib.util
 import os
@@ -39,6 +40,7 @@ def default_cuda_arch_list(cuda_version):
     return ";".join(arches) + "+PTX"
 
 
+@functools.lru_cache(maxsize=None)  # asked by want_cuda() and extension(): run nvcc once
 def nvcc_version():
     """The toolkit's release (e.g. '13.0'), which is what compiles the kernels."""
     nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
