@@ -1,38 +1,69 @@
-"""A small detection dataset with strong geometric variation, generated deterministically.
+"""A detection benchmark where geometry decides, generated deterministically (nothing downloaded).
 
-Six classes of glyph-like shapes (triangle, star, plus, ell, ring, arrow), each instance randomly
-rotated (any angle), scaled (14-44 px on 128x128 images by default), stretched, sheared and
-elastically warped, in random colours and textures (colour says nothing about the class), on
-gradient backgrounds with clutter (line segments, unannotated blobs). Instances overlap each other
-and are partly hidden by unannotated occluders, never below half of their area. Boxes are the
-visible extent of each instance (COCO convention).
+Six classes of glyph-like shapes (triangle, star, plus, ell, ring, arrow), each instance under strong
+non-rigid variation: any rotation, anisotropic stretch, shear, an articulation (one side of a random
+hinge line bent by up to 40 degrees) and a smooth elastic warp of up to 8% of its size; in random
+colours and stripes (colour says nothing about the class), on gradient backgrounds with line clutter
+and unannotated blobs, overlapping each other and partly hidden by occluders (each instance at least
+half visible). Sizes are log-uniform from 16 to 200 px on 192x192 images (scaled with ``--size``), so
+objects span from 2 to 25 cells of the c3 map (stride 8) and up to 6 cells of c5 (stride 32), and
+COCO's own area ranges (small < 32^2 < medium < 96^2 < large, on the visible mask area) all occur.
+Boxes are each instance's visible extent (COCO convention); ``area`` is its visible mask area.
+
+Splits, each its own random stream seeded by (seed, stream, index), so they are disjoint:
+
+    train       (stream 0)  for training
+    val         (stream 1)  for every choice of recipe (learning rate, schedule, ...)
+    test        (stream 2)  evaluated once per run; the only split results are reported on
+    test_rigid  (stream 3)  the geometry-off control: the same sizes, clutter and occlusion, but no
+                            rotation, stretch, shear, articulation or elastic warp
+    (stream 4: single-object classification crops for backbone pretraining, ``classification_sample``)
 
 Layout (COCO format, loads with pycocotools and mmdet's ``CocoDataset``)::
 
-    OUT/annotations/instances_train.json   OUT/train/000000.png ...
-    OUT/annotations/instances_val.json     OUT/val/000000.png ...
-    OUT/meta.json                          the generation parameters (written last: marks completion)
+    OUT/annotations/instances_<split>.json   OUT/<split>/000000.png ...
+    OUT/meta.json     the generation parameters (written last: marks completion)
 
-Every image is drawn from its own random stream, seeded by (seed, split, index): the same
-parameters give byte-identical files on any machine with the same OpenCV, and the first N images of
-a split do not depend on how many are generated.
+The same parameters give byte-identical files on any machine with the same OpenCV, and the first N
+images of a split do not depend on how many are generated.
 
-    python -m mmdet_dcnv2.datasets.shapes --out data/shapes [--num-train 600 --num-val 150 --seed 0]
+    python -m mmdet_dcnv2.datasets.shapes --out data/shapes [--num-train 1600 --num-val 200 ...]
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 CLASSES = ("triangle", "star", "plus", "ell", "ring", "arrow")
-SPLITS = ("train", "val")
-VERSION = 1  # bump when the drawing changes: stored in meta.json, so old data is regenerated
+SPLITS = ("train", "val", "test", "test_rigid")
+STREAMS = {"train": 0, "val": 1, "test": 2, "test_rigid": 3, "classification": 4}
+DEFAULT_COUNTS = {"train": 1600, "val": 200, "test": 300, "test_rigid": 300}
+DEFAULT_SIZE = 192
+VERSION = 2  # bump when the drawing changes: stored in meta.json, so old data is regenerated
 
-_TEMPLATE = 64  # canonical template side (pixels); shapes span about 0.95 of it
+_TEMPLATE = 64  # a shape spans about 0.95 of this many template pixels ...
+_MARGIN = 24  # ... centred on a canvas this much wider on every side, so bends stay on it
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How far an instance is deformed (each drawn uniformly in +-the given range)."""
+
+    rotate: bool = True  # any angle
+    stretch: float = 0.45  # log of the x:y aspect change / 2
+    shear: float = 0.5
+    bend_degrees: float = 40.0  # articulation about a random hinge line
+    elastic: float = 0.08  # displacement amplitude, as a fraction of the template
+
+
+RIGID = Geometry(rotate=False, stretch=0.0, shear=0.0, bend_degrees=0.0, elastic=0.0)
+SPLIT_GEOMETRY = {"train": Geometry(), "val": Geometry(), "test": Geometry(), "test_rigid": RIGID}
 
 
 def _polygon(name: str) -> Optional[np.ndarray]:
@@ -64,51 +95,92 @@ def _polygon(name: str) -> Optional[np.ndarray]:
 
 
 def _templates() -> List[np.ndarray]:
-    """One float32 TxT mask per class, antialiased (drawn at 4x, area-downsampled)."""
+    """One float32 mask per class (side _TEMPLATE + 2 * _MARGIN), antialiased (drawn at 4x, area-downsampled)."""
     import cv2
 
-    big, shift = _TEMPLATE * 4, 4
+    side = _TEMPLATE + 2 * _MARGIN
+    big, shift = side * 4, 4
     out = []
     for name in CLASSES:
         canvas = np.zeros((big, big), np.uint8)
-        half = big / 2
+        centre, half = big / 2, _TEMPLATE * 4 / 2
         poly = _polygon(name)
         if poly is None:
-            center = (int(half * 16), int(half * 16))
-            cv2.circle(canvas, center, int(0.95 * half * 16), 255, -1, cv2.LINE_AA, shift)
-            cv2.circle(canvas, center, int(0.55 * half * 16), 0, -1, cv2.LINE_AA, shift)
+            point = (int(centre * 16), int(centre * 16))
+            cv2.circle(canvas, point, int(0.95 * half * 16), 255, -1, cv2.LINE_AA, shift)
+            cv2.circle(canvas, point, int(0.55 * half * 16), 0, -1, cv2.LINE_AA, shift)
         else:
-            pts = np.round((poly * 0.95 * half + half) * (1 << shift)).astype(np.int32)
+            pts = np.round((poly * 0.95 * half + centre) * (1 << shift)).astype(np.int32)
             cv2.fillPoly(canvas, [pts], 255, cv2.LINE_AA, shift)
-        small = cv2.resize(canvas, (_TEMPLATE, _TEMPLATE), interpolation=cv2.INTER_AREA)
+        small = cv2.resize(canvas, (side, side), interpolation=cv2.INTER_AREA)
         out.append(small.astype(np.float32) / 255.0)
     return out
 
 
-def _elastic(template: np.ndarray, rng: np.random.Generator, amplitude: float) -> np.ndarray:
-    """Smooth random displacement field (a 4x4 grid of normal displacements, cubic-upsampled)."""
+def _deform(template: np.ndarray, rng: np.random.Generator, geometry: Geometry) -> np.ndarray:
+    """Articulation and elastic warp, in template space (one backward map, one remap).
+
+    Bend: points beyond a random hinge line through the middle half of the shape turn about the
+    hinge point, the angle ramping in over a tenth of the template (a joint, not a tear). Elastic: a
+    4x4 grid of normal displacements, cubic-upsampled (smooth at the scale of the shape's parts)."""
     import cv2
 
     t = template.shape[0]
-    grid = rng.normal(0.0, amplitude, (2, 4, 4)).astype(np.float32)
-    dx = cv2.resize(grid[0], (t, t), interpolation=cv2.INTER_CUBIC)
-    dy = cv2.resize(grid[1], (t, t), interpolation=cv2.INTER_CUBIC)
     yy, xx = np.mgrid[0:t, 0:t].astype(np.float32)
-    return cv2.remap(template, xx + dx, yy + dy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    mx, my = xx.copy(), yy.copy()
+    angle = math.radians(rng.uniform(-geometry.bend_degrees, geometry.bend_degrees))
+    direction = rng.uniform(0.0, 2 * math.pi)
+    pivot = t / 2 + rng.uniform(-0.25, 0.25, 2) * _TEMPLATE
+    if angle != 0.0:
+        nx, ny = math.cos(direction), math.sin(direction)
+        side = (xx - pivot[0]) * nx + (yy - pivot[1]) * ny
+        ramp = np.clip(side / (0.1 * _TEMPLATE), 0.0, 1.0)
+        a = -angle * ramp  # backward map: rotate the destination back onto the source
+        c, s = np.cos(a), np.sin(a)
+        dx, dy = xx - pivot[0], yy - pivot[1]
+        mx, my = (pivot[0] + c * dx - s * dy).astype(np.float32), (pivot[1] + s * dx + c * dy).astype(np.float32)
+    amplitude = rng.uniform(0.0, geometry.elastic) * _TEMPLATE
+    grid = rng.normal(0.0, 1.0, (2, 4, 4)).astype(np.float32) * amplitude
+    mx += cv2.resize(grid[0], (t, t), interpolation=cv2.INTER_CUBIC)
+    my += cv2.resize(grid[1], (t, t), interpolation=cv2.INTER_CUBIC)
+    return cv2.remap(template, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
-def _affine(rng: np.random.Generator, size: float, center: Tuple[float, float]) -> np.ndarray:
-    """2x3 matrix: template centre -> ``center``, random rotation, stretch, shear; extent ~ ``size``."""
+def _affine(rng: np.random.Generator, size: float, center: Tuple[float, float], geometry: Geometry) -> np.ndarray:
+    """2x3 matrix: template centre -> ``center``, rotation, stretch, shear; the shape spans ~``size``."""
     scale = size / _TEMPLATE
-    stretch = rng.uniform(-0.3, 0.3)
+    stretch = rng.uniform(-geometry.stretch, geometry.stretch)
     sx, sy = scale * math.exp(stretch), scale * math.exp(-stretch)
-    shear = rng.uniform(-0.45, 0.45)
-    theta = rng.uniform(0.0, 2 * math.pi)
+    shear = rng.uniform(-geometry.shear, geometry.shear)
+    theta = rng.uniform(0.0, 2 * math.pi) if geometry.rotate else 0.0
     c, s = math.cos(theta), math.sin(theta)
     rotate = np.array([[c, -s], [s, c]])
     linear = rotate @ np.array([[1.0, shear], [0.0, 1.0]]) @ np.diag([sx, sy])
-    offset = np.array(center) - linear @ np.array([_TEMPLATE / 2, _TEMPLATE / 2])
+    half = _TEMPLATE / 2 + _MARGIN
+    offset = np.array(center) - linear @ np.array([half, half])
     return np.hstack([linear, offset[:, None]]).astype(np.float64)
+
+
+def _instance(
+    rng: np.random.Generator, templates: List[np.ndarray], size: int, extent: float, geometry: Geometry, label: int
+) -> np.ndarray:
+    """The soft (antialiased) mask of one deformed instance of class ``label`` on a size x size canvas."""
+    import cv2
+
+    center = tuple(rng.uniform(0.35 * extent, size - 0.35 * extent, 2))
+    warped = _deform(templates[label], rng, geometry)
+    return cv2.warpAffine(
+        warped,
+        _affine(rng, extent, center, geometry),
+        (size, size),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0,
+    )
+
+
+def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    return float(math.exp(rng.uniform(math.log(low), math.log(high))))
 
 
 def _colour(rng: np.random.Generator) -> np.ndarray:
@@ -188,18 +260,16 @@ def _paint(image: np.ndarray, soft: np.ndarray, rng: np.random.Generator) -> Non
 def draw_image(
     rng: np.random.Generator,
     templates: List[np.ndarray],
-    size: int = 128,
-    min_size: float = 14.0,
-    max_size: float = 44.0,
-    max_objects: int = 6,
+    size: int = DEFAULT_SIZE,
+    geometry: Geometry = Geometry(),
+    max_objects: int = 5,
 ) -> Tuple[np.ndarray, List[Dict[str, object]]]:
     """One RGB uint8 image and its instances ({'category': index, 'bbox': [x, y, w, h], 'area'})."""
-    import cv2
-
+    min_size, max_size = 16.0 * size / DEFAULT_SIZE, 200.0 * size / DEFAULT_SIZE
     image = _background(rng, size)
     _lines(rng, image, int(rng.integers(2, 10)))
     for _ in range(int(rng.integers(0, 3))):  # background blobs (under the objects)
-        _paint(image, _blob(rng, size, 0.3 * min_size, max_size), rng)
+        _paint(image, _blob(rng, size, 0.3 * min_size, 0.5 * max_size), rng)
 
     full: List[np.ndarray] = []  # binary masks of the annotated instances
     visible: List[np.ndarray] = []
@@ -212,17 +282,7 @@ def draw_image(
     for _ in range(int(rng.integers(1, max_objects + 1))):
         for _attempt in range(20):
             label = int(rng.integers(len(templates)))
-            extent = rng.uniform(min_size, max_size)
-            center = tuple(rng.uniform(0.35 * extent, size - 0.35 * extent, 2))
-            warped = _elastic(templates[label], rng, rng.uniform(0.0, 0.09) * _TEMPLATE)
-            soft = cv2.warpAffine(
-                warped,
-                _affine(rng, extent, center),
-                (size, size),
-                flags=cv2.INTER_LINEAR,
-                borderMode=cv2.BORDER_CONSTANT,
-                borderValue=0,
-            )
+            soft = _instance(rng, templates, size, _log_uniform(rng, min_size, max_size), geometry, label)
             binary = soft > 0.5
             if binary.sum() >= 0.25 * min_size**2 and fits(binary):
                 break
@@ -235,7 +295,7 @@ def draw_image(
         labels.append(label)
 
     for _ in range(int(rng.integers(0, 3))):  # occluders (unannotated, on top)
-        soft = _blob(rng, size, 0.3 * min_size, 0.7 * max_size)
+        soft = _blob(rng, size, 0.3 * min_size, 0.4 * max_size)
         binary = soft > 0.5
         if fits(binary):
             _paint(image, soft, rng)
@@ -252,46 +312,142 @@ def draw_image(
     return image, instances
 
 
-def _params(num_train: int, num_val: int, size: int, seed: int) -> Dict[str, object]:
+def classification_sample(
+    index: int, seed: int = 0, size: int = 112, templates: Optional[List[np.ndarray]] = None
+) -> Tuple[np.ndarray, int]:
+    """Sample ``index`` of the backbone-pretraining stream (stream 4, disjoint from every split): one
+    instance of a random class (24 to 0.9 * size px, full geometric variation) on clutter, partly
+    occluded; returns (RGB uint8 image, class index)."""
+    rng = np.random.default_rng([seed, STREAMS["classification"], index])
+    templates = templates if templates is not None else _templates()
+    image = _background(rng, size)
+    _lines(rng, image, int(rng.integers(2, 8)))
+    if rng.random() < 0.5:
+        _paint(image, _blob(rng, size, 8.0, 0.4 * size), rng)
+    label = int(rng.integers(len(templates)))
+    soft = _instance(rng, templates, size, _log_uniform(rng, 24.0, 0.9 * size), Geometry(), label)
+    _paint(image, soft, rng)
+    if rng.random() < 0.3:  # a small occluder on top
+        _paint(image, _blob(rng, size, 6.0, 0.25 * size), rng)
+    image += rng.normal(0.0, 6.0, image.shape)
+    return np.clip(np.round(image), 0, 255).astype(np.uint8), label
+
+
+def _params(counts: Dict[str, int], size: int, seed: int) -> Dict[str, object]:
     return {
         "version": VERSION,
         "classes": list(CLASSES),
-        "num_train": num_train,
-        "num_val": num_val,
+        "counts": {split: int(counts[split]) for split in SPLITS},
         "size": size,
         "seed": seed,
+        "geometry": {split: asdict(SPLIT_GEOMETRY[split]) for split in SPLITS},
     }
 
 
-def is_generated(out: str, num_train: int = 600, num_val: int = 150, size: int = 128, seed: int = 0) -> bool:
-    """Whether ``out`` holds a complete dataset generated with exactly these parameters."""
+def _counts(counts: Optional[Dict[str, int]]) -> Dict[str, int]:
+    merged = dict(DEFAULT_COUNTS, **(counts or {}))
+    unknown = sorted(set(merged) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"counts: unknown split(s) {unknown}; expected some of {list(SPLITS)}")
+    for split, count in merged.items():
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(f"counts[{split!r}] must be a positive integer, got {count!r}")
+    return merged
+
+
+def read_meta(out: str) -> Optional[Dict[str, object]]:
+    """The parameters ``out`` was generated with (plus its checksums), or None if it has no meta.json."""
     try:
         with open(os.path.join(out, "meta.json")) as f:
-            return json.load(f) == _params(num_train, num_val, size, seed)
+            return json.load(f)
     except (OSError, ValueError):
-        return False
+        return None
+
+
+def _split_digest(out: str, split: str, count: int) -> str:
+    """sha256 over a split's annotation file and its images, in order (missing files raise OSError)."""
+    digest = hashlib.sha256()
+    with open(os.path.join(out, "annotations", f"instances_{split}.json"), "rb") as f:
+        digest.update(f.read())
+    for index in range(count):
+        with open(os.path.join(out, split, f"{index:06d}.png"), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
+def is_generated(out: str, counts: Optional[Dict[str, int]] = None, size: int = DEFAULT_SIZE, seed: int = 0) -> bool:
+    """Whether ``out``'s meta.json says it was generated with exactly these parameters (and version)."""
+    meta = read_meta(out)
+    return meta is not None and {k: v for k, v in meta.items() if k != "checksums"} == _params(
+        _counts(counts), size, seed
+    )
+
+
+def check(out: str, counts: Optional[Dict[str, int]] = None, size: int = DEFAULT_SIZE, seed: int = 0) -> str:
+    """How ``out`` stands: "missing" (absent or empty: safe to generate into), "ok" (complete, these
+    parameters, every file matching its checksum); anything else raises DatasetError saying what is
+    wrong, so that nothing is overwritten."""
+    if not os.path.isdir(out) or not os.listdir(out):
+        return "missing"
+    meta = read_meta(out)
+    if meta is None:
+        raise DatasetError(
+            f"{out} is not empty but has no readable meta.json: an interrupted generation or other files. "
+            f"Remove it, or regenerate with `python -P -m mmdet_dcnv2.datasets.shapes --out {out} --force`."
+        )
+    if not is_generated(out, counts, size, seed):
+        wanted = _params(_counts(counts), size, seed)
+        differs = sorted(k for k in wanted if meta.get(k) != wanted[k])
+        raise DatasetError(
+            f"{out} holds a shapes dataset generated with other parameters ({', '.join(differs)} differ; "
+            f"version {meta.get('version')} there, {VERSION} wanted). Pass another --data-root, or "
+            f"regenerate it with `python -P -m mmdet_dcnv2.datasets.shapes --out {out} --force` "
+            "(with the same counts/size/seed)."
+        )
+    for split, expected in (meta.get("checksums") or {}).items():
+        try:
+            actual = _split_digest(out, split, meta["counts"][split])
+        except OSError as error:
+            raise DatasetError(f"{out}: the {split} split is incomplete ({error}); regenerate with --force") from None
+        if actual != expected:
+            raise DatasetError(
+                f"{out}: the {split} split does not match its checksum in meta.json (files changed or "
+                "corrupt); regenerate with `python -P -m mmdet_dcnv2.datasets.shapes --force`"
+            )
+    return "ok"
+
+
+class DatasetError(RuntimeError):
+    """A dataset directory that cannot be used as it is (the message says why and what to do)."""
 
 
 def generate(
-    out: str, num_train: int = 600, num_val: int = 150, size: int = 128, seed: int = 0, verbose: bool = False
+    out: str,
+    counts: Optional[Dict[str, int]] = None,
+    size: int = DEFAULT_SIZE,
+    seed: int = 0,
+    verbose: bool = False,
 ) -> str:
-    """Write the dataset under ``out`` (see the module docstring); returns ``out``."""
+    """Write the dataset under ``out`` (see the module docstring); returns ``out``.
+
+    ``counts``: images per split, e.g. ``{"train": 1600}`` (the others keep DEFAULT_COUNTS)."""
     import cv2
 
+    counts = _counts(counts)
+    if size < 64:
+        raise ValueError(f"size must be at least 64 pixels, got {size}")
     meta = os.path.join(out, "meta.json")
     if os.path.exists(meta):
         os.remove(meta)
     templates = _templates()
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
     os.makedirs(os.path.join(out, "annotations"), exist_ok=True)
-    for split_index, (split, count) in enumerate(zip(SPLITS, (num_train, num_val))):
+    for split in SPLITS:
         os.makedirs(os.path.join(out, split), exist_ok=True)
         images, annotations = [], []
-        for index in range(count):
-            rng = np.random.default_rng([seed, split_index, index])
-            image, instances = draw_image(
-                rng, templates, size=size, min_size=14.0 * size / 128, max_size=44.0 * size / 128
-            )
+        for index in range(counts[split]):
+            rng = np.random.default_rng([seed, STREAMS[split], index])
+            image, instances = draw_image(rng, templates, size=size, geometry=SPLIT_GEOMETRY[split])
             name = f"{index:06d}.png"
             cv2.imwrite(os.path.join(out, split, name), image[..., ::-1])  # cv2 writes BGR
             images.append({"id": index + 1, "file_name": name, "width": size, "height": size})
@@ -317,25 +473,33 @@ def generate(
                 f,
             )
         if verbose:
-            print(f"shapes: {count} {split} images, {len(annotations)} instances -> {os.path.join(out, split)}")
+            print(f"shapes: {counts[split]} {split} images, {len(annotations)} instances -> {os.path.join(out, split)}")
+    params = _params(counts, size, seed)
+    params["checksums"] = {split: _split_digest(out, split, counts[split]) for split in SPLITS}
     with open(meta, "w") as f:
-        json.dump(_params(num_train, num_val, size, seed), f, indent=1)
+        json.dump(params, f, indent=1)
     return out
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="data/shapes", help="output directory (default: data/shapes)")
-    parser.add_argument("--num-train", type=int, default=600)
-    parser.add_argument("--num-val", type=int, default=150)
-    parser.add_argument("--size", type=int, default=128, help="image side in pixels")
+    for split in SPLITS:
+        flag = "--num-" + split.replace("_", "-")
+        parser.add_argument(flag, type=int, default=DEFAULT_COUNTS[split], help=f"{split} images")
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="regenerate even if already complete")
     args = parser.parse_args(argv)
-    if not args.force and is_generated(args.out, args.num_train, args.num_val, args.size, args.seed):
-        print(f"shapes: {args.out} is already generated with these parameters")
-        return
-    generate(args.out, args.num_train, args.num_val, args.size, args.seed, verbose=True)
+    counts = {split: getattr(args, "num_" + split) for split in SPLITS}
+    try:
+        done = not args.force and is_generated(args.out, counts, args.size, args.seed)
+        if done:
+            print(f"shapes: {args.out} is already generated with these parameters")
+            return
+        generate(args.out, counts, args.size, args.seed, verbose=True)
+    except ValueError as error:
+        parser.error(str(error))
 
 
 if __name__ == "__main__":
