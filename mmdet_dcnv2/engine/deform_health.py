@@ -250,9 +250,9 @@ class DeformHealthHook(Hook):
         if not deform_layers(model):
             runner.logger.info("DeformHealthHook: the model has no MDConv/DConv layers; nothing to measure")
             return
-        self._batch, self.source = self._fixed_batch(runner, model)
+        self._batch, self.source, count = self._fixed_batch(runner, model)
         runner.logger.info(
-            f"DeformHealthHook: measuring on the first {len(self._batch['data_samples'])} samples of the "
+            f"DeformHealthHook: measuring on the first {count} samples of the "
             f"{self.source} dataset, every {self.interval} iterations"
         )
         self.history = self._earlier_records(runner) if runner.iter > 0 else []
@@ -268,14 +268,14 @@ class DeformHealthHook(Hook):
             self._measure(runner, runner.iter)
 
     # ---- helpers ----
-    def _fixed_batch(self, runner, model: nn.Module) -> Tuple[Dict[str, Any], str]:
+    def _fixed_batch(self, runner, model: nn.Module) -> Tuple[Dict[str, Any], str, int]:
         for source in ("val", "test", "train"):
             loop = getattr(runner, f"{source}_loop", None)  # builds a configured val/test loop, as a run would
             dataset = getattr(getattr(loop, "dataloader", None), "dataset", None)
             if dataset is None or len(dataset) == 0:
                 continue
             samples = [dataset[i] for i in range(min(self.num_images, len(dataset)))]
-            return model.data_preprocessor(pseudo_collate(samples), False), source
+            return model.data_preprocessor(pseudo_collate(samples), False), source, len(samples)
         raise RuntimeError("DeformHealthHook: no val, test or train dataloader with a non-empty dataset")
 
     def _earlier_records(self, runner) -> List[Dict[str, Any]]:
