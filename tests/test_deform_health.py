@@ -135,24 +135,39 @@ def test_outside_fraction_is_where_the_kernel_reads_zero(cls, config):
     assert stats["median_offset_px"] == pytest.approx(lengths.flatten().median().item())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_points_on_and_near_the_boundary_fall_on_the_kernels_side(dtype):
-    # 1x1 kernel, no padding: output pixel (ho, wo) samples (ho + dy, wo + dx) on a 4x4 map.
+# (ho, wo, dy, dx) on a 4x4 map with a 1x1 kernel, no padding: output (ho, wo) samples (ho + dy, wo + dx).
+BOUNDARY_POINTS = [
+    (0, 0, -1.0, 0.0),  # y = -1 exactly
+    (0, 1, -0.9999, 0.0),
+    (0, 2, -1.0001, 0.0),
+    (1, 0, 0.0, -1.0),  # x = -1 exactly
+    (1, 1, 0.0, -1.9999),
+    (1, 2, 0.0, 1.0),  # x = 3, the last column
+    (1, 3, 0.0, 1.0),  # x = 4 = W exactly
+    (2, 0, float("nan"), 0.0),
+    (2, 1, 0.0, float("inf")),
+    (2, 2, -float("inf"), 0.0),
+    (2, 3, 0.0, 0.99999994),  # 3 + 0.99999994: 4.0 (outside) in float32, below 4 in float64
+    (3, 0, 0.99999994, 0.0),
+    (3, 1, -4.0, -2.0),  # the corner (-1, -1)
+    (3, 2, -3.9999, -2.9999),  # just inside that corner
+    (3, 3, 0.5, 0.5),
+]
+
+
+def test_points_on_and_near_the_boundary_fall_on_the_kernels_side():
     layer = DConv(1, 1, 1)
-    values = [-1.0, -0.9999, -1.0001, 3.0, 3.9999, 4.0, 0.99999994, float("nan"), float("inf"), -float("inf")]
-    grid = torch.tensor(values, dtype=dtype)
-    offset = torch.zeros(1, 2, 4, 4, dtype=dtype)
-    # every value as dy at row 3 (3 + 0.99999994 is 4.0 in float32, inside in float64) and as dx at
-    # column 0, the rest of the map untouched
-    offset[0, 0, 3, :] = grid[:4]
-    offset[0, 1, :, 0] = grid[4:8]
-    offset[0, 0, 0, 1:] = grid[7:]
-    offset[0, 1, 1, 1:] = grid[[0, 2, 5]] - 1
-    layer.offset_and_mask = lambda x: (offset, None)
-    expected = _kernel_outside_fraction(layer, (1, 1, 4, 4), offset, None)
-    stats = measure_deform_health(layer, torch.zeros(1, 1, 4, 4, dtype=dtype), forward=_forward)[""]
-    assert stats["outside_fraction"] == pytest.approx(expected, abs=1e-12)
-    assert 0 < expected < 1
+    expected = {}
+    for dtype in (torch.float32, torch.float64):
+        offset = torch.zeros(1, 2, 4, 4, dtype=dtype)
+        for ho, wo, dy, dx in BOUNDARY_POINTS:
+            offset[0, 0, ho, wo], offset[0, 1, ho, wo] = dy, dx
+        layer.offset_and_mask = lambda x, offset=offset: (offset, None)
+        expected[dtype] = _kernel_outside_fraction(layer, (1, 1, 4, 4), offset, None)
+        stats = measure_deform_health(layer, torch.zeros(1, 1, 4, 4, dtype=dtype), forward=_forward)[""]
+        assert stats["outside_fraction"] == pytest.approx(expected[dtype], abs=1e-12), dtype
+    # the kernel rounds the position in the offset's precision: two points differ between the dtypes
+    assert expected[torch.float32] - expected[torch.float64] == pytest.approx(2 / 16)
 
 
 class _Backbone(nn.Module):
