@@ -63,6 +63,7 @@ def test_zero_offsets_read_zero_exactly_on_the_padding_ring(cls, height, width):
     stats = result[""]
     assert stats["median_offset_px"] == 0.0
     assert stats["outside_fraction"] == pytest.approx(_zero_offset_outside_fraction(height, width), abs=1e-12)
+    assert stats["padding_fraction"] == pytest.approx(stats["outside_fraction"], abs=1e-12)
     assert stats["map_hw"] == (height, width) and stats["calls"] == 1
     if cls is MDConv:
         assert stats["mean_mask"] == pytest.approx(0.5)  # sigmoid(0) everywhere: weighted = unweighted
@@ -84,6 +85,7 @@ def test_a_large_constant_offset_pushes_every_point_outside(cls):
     stats = measure_deform_health(layer, torch.randn(1, 2, 6, 6), forward=_forward)[""]
     assert stats["outside_fraction"] == 1.0
     assert stats["median_offset_px"] == pytest.approx(100 * math.sqrt(2))
+    assert stats["padding_fraction"] == pytest.approx(_zero_offset_outside_fraction(6, 6))
 
 
 def test_the_mask_weights_the_fraction_outside_taps_with_zero_mask_count_for_nothing():
@@ -130,6 +132,8 @@ def test_outside_fraction_is_where_the_kernel_reads_zero(cls, config):
     expected = _kernel_outside_fraction(layer, x.shape, offset, mask)
     stats = measure_deform_health(layer, x, forward=_forward)[""]
     assert 0.05 < expected < 0.95  # the case exercises both sides
+    padding = _kernel_outside_fraction(layer, x.shape, torch.zeros_like(offset), None)
+    assert stats["padding_fraction"] == pytest.approx(padding, abs=1e-12)
     assert stats["outside_fraction"] == pytest.approx(expected, abs=1e-12)
     lengths = offset.view(2, groups, -1, 2, *offset.shape[-2:]).double().pow(2).sum(3).sqrt()
     assert stats["median_offset_px"] == pytest.approx(lengths.flatten().median().item())
@@ -358,7 +362,7 @@ def test_the_hook_in_the_runner_on_a_tiny_mdconv_detector(tmp_path):
     # puts 20 of 36 points (of 0.5 masks) on the padding ring
     for name in ("backbone.layer4.1.conv2", "backbone.layer4.2.conv2"):
         assert layers[name]["map_hw"] == (2, 2)
-        assert layers[name]["outside_fraction"] == pytest.approx(20 / 36)
+        assert layers[name]["outside_fraction"] == pytest.approx(20 / 36) == layers[name]["padding_fraction"]
         assert layers[name]["median_offset_px"] == 0.0 and layers[name]["mean_mask"] == pytest.approx(0.5)
     assert layers["backbone.layer2.0.conv2"]["map_hw"] == (16, 16)
     assert hook.history[-1]["layers"]["backbone.layer3.0.conv2"]["median_offset_px"] > 0  # it trained
@@ -369,4 +373,5 @@ def test_the_hook_in_the_runner_on_a_tiny_mdconv_detector(tmp_path):
         text = log.read()
     assert "first 2 samples of the val dataset" in text
     assert "deform health @ iter 0: 13 layers" in text
-    assert "backbone.layer4.1.conv2 samples 55.6%" in text and "WARNING" in text
+    assert "backbone.layer4.1.conv2 samples 55.6% (mask-weighted) outside its 2x2 input map" in text
+    assert "55.6% with zero offsets" in text and "WARNING" in text

@@ -55,6 +55,7 @@ class _Accumulator:
         self.outside_weighted = 0.0
         self.weight = 0.0
         self.outside = 0
+        self.padding_outside = 0.0
         self.points = 0
         self.mask_sum = 0.0
         self.modulated = False
@@ -73,6 +74,7 @@ class _Accumulator:
             "median_offset_px": float(median),
             "outside_fraction": float(outside),
             "mean_mask": self.mask_sum / self.points if self.modulated and self.points else None,
+            "padding_fraction": self.padding_outside / self.points if self.points else float("nan"),
             "map_hw": self.map_hw,
             "calls": self.calls,
         }
@@ -90,11 +92,15 @@ def _accumulate(acc: _Accumulator, layer: _DeformConvPack, x: Tensor) -> None:
     dtype = torch.float64 if offset.dtype == torch.float64 else torch.float32
     off = offset.to(dtype).view(n, groups, taps, 2, out_h, out_w)
     dy, dx = off[:, :, :, 0], off[:, :, :, 1]  # (N, G, taps, Ho, Wo)
-    base_y = _tap_bases(out_h, kh, layer.stride[0], layer.padding[0], layer.dilation[0])
-    base_x = _tap_bases(out_w, kw, layer.stride[1], layer.padding[1], layer.dilation[1])
+    rows = _tap_bases(out_h, kh, layer.stride[0], layer.padding[0], layer.dilation[0])
+    cols = _tap_bases(out_w, kw, layer.stride[1], layer.padding[1], layer.dilation[1])
+    # The zero-offset grid is a product of rows and columns: the share of its points in the map (what a
+    # regular convolution does not spend on its zero padding) is the product of the two shares.
+    rows_in = ((rows > -1) & (rows < height)).double().mean().item()
+    cols_in = ((cols > -1) & (cols < width)).double().mean().item()
     # tap k = i * kw + j samples row base_y[i, ho] and column base_x[j, wo]
-    base_y = base_y.repeat_interleave(kw, dim=0).view(1, 1, taps, out_h, 1).to(off.device, dtype)
-    base_x = base_x.repeat(kh, 1).view(1, 1, taps, 1, out_w).to(off.device, dtype)
+    base_y = rows.repeat_interleave(kw, dim=0).view(1, 1, taps, out_h, 1).to(off.device, dtype)
+    base_x = cols.repeat(kh, 1).view(1, 1, taps, 1, out_w).to(off.device, dtype)
     y, x_pos = base_y + dy, base_x + dx
     # zero_border_in_range in csrc/dcn_common.h: the op interpolates only -1 < y < H and -1 < x < W;
     # anything else (the boundary itself, NaN, infinities) reads zero. Written so that NaN fails.
@@ -102,6 +108,7 @@ def _accumulate(acc: _Accumulator, layer: _DeformConvPack, x: Tensor) -> None:
     outside = (~inside).to(torch.float64)
     acc.lengths.append(torch.sqrt(dy.double() ** 2 + dx.double() ** 2).flatten().cpu())
     acc.outside += int(outside.sum().item())
+    acc.padding_outside += (1.0 - rows_in * cols_in) * outside.numel()
     acc.points += outside.numel()
     if mask is not None:
         weights = mask.to(torch.float64).view(n, groups, taps, out_h, out_w)
@@ -143,6 +150,10 @@ def measure_deform_health(
       scalar (mask; 1 for DConv), so it measures the share of the layer's weighted sampling that is
       lost. If every mask is zero the unweighted fraction is reported instead.
     - ``mean_mask``: the mean modulation scalar over all sampling points; None for DConv.
+    - ``padding_fraction``: the unweighted outside fraction with zero offsets, i.e. the taps a regular
+      convolution spends on its zero padding: where ``outside_fraction`` starts at initialisation
+      (offsets zero, masks uniform), and what it is to be compared with. On small maps it is large
+      (3x3, pad 1: 20/36 on 2x2, 44/144 on 4x4).
     - ``map_hw``: (H, W) of the input map (of the first call, if the layer ran more than once).
     - ``calls``: how many times the layer ran in the pass (the statistics pool all calls).
 
@@ -304,7 +315,7 @@ class DeformHealthHook(Hook):
         mask = "n/a (DConv)" if s["mean_mask"] is None else f"{s['mean_mask']:.3f}"
         runner.logger.info(
             f"deform health @ iter {iteration}: {len(layers)} layers; worst outside fraction "
-            f"{s['worst_outside_fraction']:.3f} ({s['worst_layer']}); median offset {s['median_offset_px']:.3f} px "
+            f"{s['worst_outside_fraction']:.3f} ({s['worst_layer']}); median offset {s['median_offset_px']:.3g} px "
             f"(median over layers); mean mask {mask}"
         )
         for name, value in layers.items():
@@ -312,8 +323,9 @@ class DeformHealthHook(Hook):
                 h, w = value["map_hw"]
                 runner.logger.warning(
                     f"deform health @ iter {iteration}: {name} samples {value['outside_fraction']:.1%} "
-                    f"(mask-weighted) outside its {h}x{w} input map (> outside_warning={self.outside_warning}): "
-                    "those points read zero and pass no gradient to the offsets"
+                    f"(mask-weighted) outside its {h}x{w} input map (> outside_warning={self.outside_warning}; "
+                    f"{value['padding_fraction']:.1%} with zero offsets): those points read zero and pass no "
+                    "gradient to the offsets"
                 )
         self._write(runner.work_dir)
 
