@@ -477,6 +477,8 @@ def class_correct_recall(
     Returns dict(recall, matched, total, matched_per_image, total_per_image); recall is -1 when there is no
     non-crowd GT. With `image_weights`, matched and total count each image that many times.
     """
+    if not 0 < iou_thr <= 1:
+        raise ValueError(f"iou_thr must be in (0, 1], got {iou_thr}")
     if dt is not None:
         if isinstance(evaluation, ImageLevelEval):
             raise TypeError("pass either an ImageLevelEval or ground truth with dt, not an ImageLevelEval and dt")
@@ -486,8 +488,6 @@ def class_correct_recall(
         evaluation = ImageLevelEval(evaluation, dt, iou_thrs=thrs)
     elif not isinstance(evaluation, ImageLevelEval):
         raise TypeError("evaluation must be an ImageLevelEval (or ground truth, with dt given)")
-    if not 0 < iou_thr <= 1:
-        raise ValueError(f"iou_thr must be in (0, 1], got {iou_thr}")
     w = _check_weights(image_weights, evaluation.num_images)
     matched_i, total_i = _recall_counts(evaluation, score_thr, iou_thr)
     matched, total = int(matched_i @ w), int(total_i @ w)
