@@ -17,9 +17,8 @@ EXTRA_KEY_MARKERS = (".conv_offset.", ".offset_fc.", ".mask_fc.", "rcnn_cls.", "
 
 def build_model(cfg):
     """The detector of ``cfg``, initialised as the Runner would (init_weights), under cfg's seed."""
-    from mmengine.runner import set_random_seed
-
     from mmdet.registry import MODELS
+    from mmengine.runner import set_random_seed
 
     set_random_seed(cfg.randomness.get("seed", 0), deterministic=False)
     model = MODELS.build(cfg.model)

@@ -58,18 +58,26 @@ def _upscale(data_sample, factor: int):
     return data_sample
 
 
-def draw_detections(runner, out_dir: str, num_images: int, score_thr: float, scale: int = 4) -> List[str]:
-    """Ground truth (left) beside predictions (right) on the first val images, by mmdet's
+def draw_detections(
+    runner, out_dir: str, num_images: int, score_thr: float, split: str = "test", scale: int = 3
+) -> List[str]:
+    """Ground truth (left) beside predictions (right) on the first images of ``split``, by mmdet's
     DetLocalVisualizer; images are enlarged ``scale`` times so that labels stay legible."""
     import mmcv
     import torch
+    from mmdet.registry import DATASETS
     from mmengine.dataset import pseudo_collate
 
     from mmdet_dcnv2.engine import unwrap_model
 
     model = unwrap_model(runner.model)
     model.eval()
-    dataset = runner.test_dataloader.dataset
+    dataset_cfg = dict(
+        runner.cfg.test_dataloader.dataset,
+        ann_file=f"annotations/instances_{split}.json",
+        data_prefix=dict(img=f"{split}/"),
+    )
+    dataset = DATASETS.build(dataset_cfg)
     visualizer = runner.visualizer
     visualizer.dataset_meta = dataset.metainfo
     os.makedirs(out_dir, exist_ok=True)

@@ -1,0 +1,204 @@
+"""The benchmark's tables: every run, every arm over its seeds, and each deformable arm against the
+regular ConvNet on the seeds they share (paired: mmdet_dcnv2.evaluation.paired_comparison)."""
+
+import json
+import os
+import os.path as osp
+import platform
+import statistics
+from typing import Dict, List, Optional
+
+from .arms import ARMS, REFERENCE_ARM
+
+# (metric name in paired_comparison, split, label)
+COMPARISONS = (
+    ("AP", "test", "test AP"),
+    ("AP_s", "test", "test AP_S"),
+    ("AP_m", "test", "test AP_M"),
+    ("AP_l", "test", "test AP_L"),
+    ("recall", "test", "test recall@0.5"),
+    ("AP", "test_rigid", "geometry-off AP"),
+)
+NUM_RESAMPLES = 1000
+
+
+def load_run(work_dir: str, arm: str, seed: int) -> Dict:
+    path = osp.join(work_dir, arm, f"seed{seed}", "metrics.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _pct(value: Optional[float]) -> str:
+    return "–" if value is None or value < 0 else f"{100 * value:.1f}"
+
+
+def _worst_outside(run: Dict) -> Optional[float]:
+    health = run.get("deform_health") or {}
+    layers = health.get("layers") or {}
+    fractions = [layer["outside_fraction"] for layer in layers.values() if layer.get("outside_fraction") is not None]
+    return max(fractions) if fractions else None
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+
+
+def runs_table(results: List[Dict]) -> List[str]:
+    lines = [
+        "| model | seed | test AP | AP50 | AP_S | AP_M | AP_L | recall@0.5 | geometry-off AP | "
+        "max outside | train min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        test = r["evaluation"].get("test") or next(iter(r["evaluation"].values()))
+        box = test["bbox"]
+        rigid = r["evaluation"].get("test_rigid")
+        worst = _worst_outside(r)
+        lines.append(
+            f"| {r['label']} | {r['seed']} | {_pct(box.get('bbox_mAP'))} | {_pct(box.get('bbox_mAP_50'))} | "
+            f"{_pct(box.get('bbox_mAP_s'))} | {_pct(box.get('bbox_mAP_m'))} | {_pct(box.get('bbox_mAP_l'))} | "
+            f"{_pct(test['recall_at_score_0.5']['recall'])} | "
+            f"{_pct(rigid['bbox']['bbox_mAP']) if rigid else '–'} | "
+            f"{'–' if worst is None else f'{worst:.2f}'} | {r['train_time_s'] / 60:.1f} |"
+        )
+    return lines
+
+
+def arms_table(results: List[Dict]) -> List[str]:
+    lines = ["| model | seeds | test AP (mean ± SD) | recall@0.5 | geometry-off AP |", "|---|---|---|---|---|"]
+    for arm in ARMS:
+        runs = [r for r in results if r["model"] == arm]
+        if not runs:
+            continue
+
+        def stat(values: List[float]) -> str:
+            values = [100 * v for v in values]
+            if len(values) == 1:
+                return f"{values[0]:.1f}"
+            return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+        ap = stat([r["evaluation"]["test"]["bbox"]["bbox_mAP"] for r in runs if "test" in r["evaluation"]])
+        rec = stat(
+            [r["evaluation"]["test"]["recall_at_score_0.5"]["recall"] for r in runs if "test" in r["evaluation"]]
+        )
+        rigid_runs = [r for r in runs if "test_rigid" in r["evaluation"]]
+        rigid = stat([r["evaluation"]["test_rigid"]["bbox"]["bbox_mAP"] for r in rigid_runs]) if rigid_runs else "–"
+        seeds = ",".join(str(r["seed"]) for r in runs)
+        lines.append(f"| {ARMS[arm].label} | {seeds} | {ap} | {rec} | {rigid} |")
+    return lines
+
+
+def compare(results: List[Dict], work_dir: str, arm: str) -> Optional[Dict]:
+    """``arm`` against the regular ConvNet on the seeds both have (None if fewer than one shared seed)."""
+    from mmdet_dcnv2.evaluation import ImageLevelEval, paired_comparison
+
+    ours = {r["seed"]: r for r in results if r["model"] == arm}
+    regular = {r["seed"]: r for r in results if r["model"] == REFERENCE_ARM}
+    seeds = sorted(set(ours) & set(regular))
+    if not seeds:
+        return None
+    out = {"seeds": seeds, "metrics": []}
+    for metric, split, label in COMPARISONS:
+        if any(split not in r["evaluation"] for r in (*[ours[s] for s in seeds], *[regular[s] for s in seeds])):
+            continue
+        ann = ours[seeds[0]]["evaluation"][split]
+        gt = osp.join(ours[seeds[0]]["data_root"], "annotations", f"instances_{split}.json")
+
+        def evals(runs: Dict) -> Dict:
+            return {
+                s: ImageLevelEval(gt, osp.join(runs[s]["work_dir"], runs[s]["evaluation"][split]["detections_file"]))
+                for s in seeds
+            }
+
+        try:
+            result = paired_comparison(evals(regular), evals(ours), metric=metric, num_resamples=NUM_RESAMPLES)
+        except ValueError as error:  # e.g. AP_l undefined: no large instance in the split
+            out["metrics"].append({"label": label, "error": str(error)})
+            continue
+        result["label"] = label
+        result["instances"] = ann["instances_by_area"]
+        out["metrics"].append(result)
+    return out
+
+
+def comparison_table(arm: str, comparison: Dict) -> List[str]:
+    seeds = comparison["seeds"]
+    lines = [
+        f"**{ARMS[arm].label} − regular ConvNet**, paired seeds {', '.join(map(str, seeds))} "
+        f"(per-seed differences; intervals at 95%: t over seeds with {len(seeds) - 1} df, paired image "
+        f"bootstrap ({NUM_RESAMPLES} resamples), and both combined):",
+        "",
+        "| metric | regular (per seed) | this model (per seed) | D = mean diff | t-interval | bootstrap | "
+        "combined | wins |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def interval(pair) -> str:
+        return "–" if pair is None else f"[{100 * pair[0]:+.1f}, {100 * pair[1]:+.1f}]"
+
+    for m in comparison["metrics"]:
+        if "error" in m:
+            lines.append(f"| {m['label']} | – | – | undefined: {m['error']} | | | | |")
+            continue
+        per_a = " / ".join(f"{100 * v:.1f}" for v in m["a"])
+        per_b = " / ".join(f"{100 * v:.1f}" for v in m["b"])
+        lines.append(
+            f"| {m['label']} | {per_a} | {per_b} | {100 * m['mean_diff']:+.1f} | {interval(m['t_interval'])} | "
+            f"{interval(m['bootstrap_interval'])} | {interval(m['combined_interval'])} | "
+            f"{m['wins']}/{m['num_seeds']} |"
+        )
+    return lines
+
+
+def write(work_dir: str, results: List[Dict], total_time: float, args) -> Dict:
+    """``summary.json`` / ``summary.md`` (+ ``loss_curves.png``) under ``work_dir``; returns the summary."""
+    from .pictures import plot_losses
+
+    test = next((r["evaluation"]["test"] for r in results if "test" in r["evaluation"]), None)
+    lines = [f"Machine: {machine()}; {results[0]['threads']} thread(s) per run; total {total_time / 60:.1f} min."]
+    if test is not None:
+        by_area = test["instances_by_area"]
+        lines.append(
+            f"Test split: {test['images']} images, {by_area.get('all')} instances (small {by_area.get('small')}, "
+            f"medium {by_area.get('medium')}, large {by_area.get('large')}: COCO's area ranges on the visible "
+            "mask area). AP in %, COCO box mAP@[.5:.95]; recall@0.5 = class-correct recall of detections "
+            "with score >= 0.5 at IoU >= 0.5; max outside = the largest fraction of sampling outside the map "
+            "over the deformable layers at the end of training."
+        )
+    lines += ["", *runs_table(results), "", *arms_table(results)]
+    comparisons = {}
+    for arm in ARMS:
+        if arm == REFERENCE_ARM:
+            continue
+        comparison = compare(results, work_dir, arm)
+        if comparison is not None:
+            comparisons[arm] = comparison
+            lines += ["", *comparison_table(arm, comparison)]
+    markdown = "\n".join(lines) + "\n"
+    summary = {
+        "runs": [{k: v for k, v in r.items() if k != "loss_curve"} for r in results],
+        "comparisons": comparisons,
+        "machine": machine(),
+        "total_time_s": round(total_time, 1),
+        "markdown": markdown,
+    }
+    os.makedirs(work_dir, exist_ok=True)
+    with open(osp.join(work_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1, default=float)
+    with open(osp.join(work_dir, "summary.md"), "w") as f:
+        f.write(markdown)
+    plot_losses(
+        {f"{r['model']} seed {r['seed']}": r["loss_curve"] for r in results},
+        osp.join(work_dir, "loss_curves.png"),
+        "training loss",
+        components=False,
+    )
+    return summary
