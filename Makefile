@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 
 SOURCES := setup.py pyproject.toml $(wildcard model-index.yml) $(shell find csrc mmdet_dcnv2 configs tools -type f \( -name '*.py' -o -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.json' -o -name '*.yml' \) 2>/dev/null)
 
-.PHONY: env install lint format test test-fast release-check demo demo-compare spatial-support clean
+.PHONY: env install lint format test test-fast release-check demo demo-compare ablation pretrain spatial-support clean
 
 env: $(VENV)/.env-done
 
@@ -66,31 +66,44 @@ release-check:
 	  start=$$(date +%s) && $(MAKE) --no-print-directory test && \
 	  echo "release-check: passed in $$(( $$(date +%s) - start )) s"
 
-# -P keeps the repo root off sys.path, so the installed package (with its compiled extension) runs.
+# The shapes benchmark (docs/main_job.md). -P keeps the repo root off sys.path, so the installed package
+# (with its compiled extension) runs. DEMO_ARGS adds options to each of these (e.g. DEMO_ARGS="--threads 2").
 DEMO_ARGS ?=
+# make demo: DCNv2 (mdconv c3-c5), seed 0: train, evaluate on test (+ the geometry-off control), draw.
 demo: install
 	$(PY) -P -m mmdet_dcnv2.tools.demo --work-dir work_dirs/shapes_demo $(DEMO_ARGS)
 
-# The same, plus the regular-ConvNet baseline; prints both APs side by side.
+# make demo-compare: regular ConvNet vs DCNv2, 3 paired seeds, two runs at a time; paired statistics.
+COMPARE_DIR := work_dirs/shapes_compare
 demo-compare: install
-	$(PY) -P -m mmdet_dcnv2.tools.demo --work-dir work_dirs/shapes_compare --baseline $(DEMO_ARGS)
+	$(PY) -P -m mmdet_dcnv2.tools.demo --work-dir $(COMPARE_DIR) --models regular dcnv2 --seeds 0 1 2 --jobs 2 $(DEMO_ARGS)
 
-# The README's spatial-support pictures: the same nodes on `make demo-compare`'s regular and DCNv2 models
-# (seed 0), side by side (python -m mmdet_dcnv2.tools.spatial_support; ~10 s per model).
-# Needs `make demo-compare` to have run first: it reads work_dirs/shapes_compare/*/seed0/{*.py,epoch_12.pth}
-# (not a make prerequisite: training both models takes a while) and stops with a message if they are missing.
-SS_MODELS := baseline:faster_rcnn_r50_fpn_shapes dcnv2:faster_rcnn_r50_fpn_mdconv_c3-c5_shapes
-SS_IMAGE  ?= data/shapes/val/000013.png
-SS_NODES  ?= conv:70,45 conv:0,96 cls:45,27,95,63\#4
+# make ablation: the paper's Table 1 rows at this scale; reuses demo-compare's runs (same work dir), adds
+# DCNv1 (dconv + dpool), DCNv2 + mdpool and + R-CNN feature mimicking at the seeds named after ':'.
+ABLATION_ROWS ?= dcnv1:0,1,2 dcnv2_mdpool:0,1,2 dcnv2_mdpool_mimic:0
+ablation: install
+	$(PY) -P -m mmdet_dcnv2.tools.demo --work-dir $(COMPARE_DIR) --models regular dcnv2 $(ABLATION_ROWS) \
+	  --seeds 0 1 2 --jobs 2 $(DEMO_ARGS)
+
+# make pretrain: the backbone's classification pretraining (~13 min on 2 cores), into work_dirs/pretrain/;
+# use it with DEMO_ARGS="--pretrained work_dirs/pretrain/shapes_resnet50_w16.pth" (the package ships one).
+pretrain: install
+	$(PY) -P -m mmdet_dcnv2.tools.pretrain_backbone --out work_dirs/pretrain/shapes_resnet50_w16.pth
+
+# The spatial-support pictures of docs/spatial_support.md: the same nodes on demo-compare's regular and
+# DCNv2 models (seed 0), side by side (python -m mmdet_dcnv2.tools.spatial_support; ~10 s per model).
+# Needs `make demo-compare` first (not a make prerequisite: training takes a while); stops with a message
+# if its runs are missing. The image and nodes are SS_IMAGE / SS_NODES.
+SS_IMAGE  ?= data/shapes/test/000005.png
+SS_NODES  ?= conv:96,96 cls:0,0,1,1\#0
 SS_DIR    ?= work_dirs/spatial_support
 spatial-support: install
-	for m in $(SS_MODELS); do run=work_dirs/shapes_compare/$${m%%:*}/seed0; \
-	  for f in $$run/$${m#*:}.py $$run/epoch_12.pth; do test -f $$f || { \
-	    echo "spatial-support: $$f is missing; run 'make demo-compare' first (it trains these models)" >&2; \
-	    exit 1; }; done; \
-	  $(PY) -P -m mmdet_dcnv2.tools.spatial_support $$run/$${m#*:}.py $$run/epoch_12.pth $(SS_IMAGE) \
-	    --nodes $(SS_NODES) --out-dir $(SS_DIR)/$${m%%:*} || exit 1; done
-	for f in $(SS_DIR)/baseline/*.npz; do name=$$(basename $$f .npz); \
+	for arm in regular dcnv2; do run=$(COMPARE_DIR)/$$arm/seed0; \
+	  test -f $$run/metrics.json || { echo "spatial-support: $$run has no finished run; run 'make demo-compare' first" >&2; exit 1; }; \
+	  cfg=$$(ls $$run/faster_rcnn_*.py) && ckpt=$$(ls $$run/iter_*.pth) || exit 1; \
+	  $(PY) -P -m mmdet_dcnv2.tools.spatial_support $$cfg $$ckpt $(SS_IMAGE) \
+	    --nodes $(SS_NODES) --out-dir $(SS_DIR)/$$arm || exit 1; done
+	for f in $(SS_DIR)/regular/*.npz; do name=$$(basename $$f .npz); \
 	  $(PY) -P -m mmdet_dcnv2.tools.spatial_support_compare $$f $(SS_DIR)/dcnv2/$$name.npz --dpi 72 --colors 128 \
 	    --labels "regular ConvNet" "DCNv2 (mdconv c3-c5)" --out $(SS_DIR)/compare_$$name.png || exit 1; done
 

@@ -172,11 +172,15 @@ def run(arm: str, seed: int, options: RunOptions) -> Dict:
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     cfg = build_config(arm, seed, options)
     out_dir = cfg.work_dir
-    if rank == 0:
-        done = claim(out_dir, signature(arm, seed, cfg, options))
-        if done is not None:
+    done = claim(out_dir, signature(arm, seed, cfg, options)) if rank == 0 else None
+    if torch.distributed.is_initialized():  # every rank reuses, or every rank trains
+        shared = [done]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        done = shared[0]
+    if done is not None:
+        if rank == 0:
             print(f"{arm} seed {seed}: reusing the finished run in {out_dir}", flush=True)
-            return done
+        return done if rank == 0 else {}
     runner = Runner.from_cfg(cfg)
     model = unwrap_model(runner.model)
     initial = torch.load(cfg.load_from, map_location="cpu", weights_only=True)["state_dict"]

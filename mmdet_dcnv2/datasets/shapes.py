@@ -5,9 +5,10 @@ non-rigid variation: any rotation, anisotropic stretch, shear, an articulation (
 hinge line bent by up to 40 degrees) and a smooth elastic warp of up to 8% of its size; in random
 colours and stripes (colour says nothing about the class), on gradient backgrounds with line clutter
 and unannotated blobs, overlapping each other and partly hidden by occluders (each instance at least
-half visible). Sizes are log-uniform from 16 to 200 px on 192x192 images (scaled with ``--size``), so
-objects span from 2 to 25 cells of the c3 map (stride 8) and up to 6 cells of c5 (stride 32), and
-COCO's own area ranges (small < 32^2 < medium < 96^2 < large, on the visible mask area) all occur.
+half visible). Sizes are log-uniform from 16 to 256 px on 192x192 images (scaled with ``--size``;
+the largest are cut by the image border), so objects span from 2 to 24 cells of the c3 map (stride 8)
+and up to the whole c5 map (6x6, stride 32), and COCO's own area ranges (small < 32^2 < medium < 96^2
+< large, on the visible mask area) all occur: about 55% / 40% / 7% of the instances.
 Boxes are each instance's visible extent (COCO convention); ``area`` is its visible mask area.
 
 Splits, each its own random stream seeded by (seed, stream, index), so they are disjoint:
@@ -265,7 +266,7 @@ def draw_image(
     max_objects: int = 5,
 ) -> Tuple[np.ndarray, List[Dict[str, object]]]:
     """One RGB uint8 image and its instances ({'category': index, 'bbox': [x, y, w, h], 'area'})."""
-    min_size, max_size = 16.0 * size / DEFAULT_SIZE, 200.0 * size / DEFAULT_SIZE
+    min_size, max_size = 16.0 * size / DEFAULT_SIZE, 256.0 * size / DEFAULT_SIZE
     image = _background(rng, size)
     _lines(rng, image, int(rng.integers(2, 10)))
     for _ in range(int(rng.integers(0, 3))):  # background blobs (under the objects)
@@ -387,6 +388,7 @@ def check(out: str, counts: Optional[Dict[str, int]] = None, size: int = DEFAULT
     """How ``out`` stands: "missing" (absent or empty: safe to generate into), "ok" (complete, these
     parameters, every file matching its checksum); anything else raises DatasetError saying what is
     wrong, so that nothing is overwritten."""
+    counts = _counts(counts)  # bad arguments first
     if not os.path.isdir(out) or not os.listdir(out):
         return "missing"
     meta = read_meta(out)
