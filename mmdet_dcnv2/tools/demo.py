@@ -25,7 +25,7 @@ Writes, under ``WORK_DIR/<model>/seed<S>/``: ``metrics.json``, ``run.json`` (wha
 very same run is reused; a directory holding another run's results is refused (nothing overwritten).
 
 ``--jobs 2`` trains two runs at a time in child processes (``--threads`` each; their logs go to
-``<run>/console.log`` and the parent prints their progress). Distributed (2 CPU processes, gloo):
+``WORK_DIR/console/<model>_seed<S>.log`` and the parent prints their progress). Distributed (2 CPU processes, gloo):
 ``PYTHONSAFEPATH=1 torchrun --nproc_per_node 2 -m mmdet_dcnv2.tools.demo ...`` (one run at a time; the
 process group is initialised here before the Runner, as mmengine 0.10.7 cannot do it on a CPU-only
 machine).
@@ -147,17 +147,15 @@ def _progress(console: str) -> str:
 
 def run_in_children(runs: List[Tuple[str, int]], argv: List[str], options, jobs: int) -> None:
     """Each run in a child process (``--single-run``), ``jobs`` at a time, progress every 60 s."""
-    from mmdet_dcnv2.benchmark.run import run_dir
-
     pending, active, failed = list(runs), {}, []
     env = dict(os.environ, OMP_NUM_THREADS=str(options.threads), PYTHONSAFEPATH="1")
     last_report = time.monotonic()
     while pending or active:
         while pending and len(active) < jobs:
             arm, seed = pending.pop(0)
-            out = run_dir(options, arm, seed)
-            os.makedirs(out, exist_ok=True)
-            console = osp.join(out, "console.log")
+            # Not inside the run's directory: that one is the child's to claim (benchmark.workdir).
+            console = osp.join(osp.abspath(options.work_dir), "console", f"{arm}_seed{seed}.log")
+            os.makedirs(osp.dirname(console), exist_ok=True)
             cmd = [sys.executable, "-P", "-m", "mmdet_dcnv2.tools.demo", *argv, "--single-run", f"{arm}:{seed}"]
             log = open(console, "w")
             active[(arm, seed)] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, console)

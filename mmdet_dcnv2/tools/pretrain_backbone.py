@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import os.path as osp
-import platform
 import time
 from typing import Dict, Tuple
 
@@ -95,6 +94,7 @@ def pretrain(
     from mmdet.registry import MODELS
 
     import mmdet_dcnv2  # noqa: F401  (mmdet's registries, initialised)
+    from mmdet_dcnv2.benchmark.report import machine
 
     for name, value in (("num_samples", num_samples), ("num_holdout", num_holdout), ("steps", steps)):
         if value < 1:
@@ -170,7 +170,7 @@ def pretrain(
         "final_loss": round(float(np.mean(losses[-report:])), 4),
         "generate_time_s": round(generated, 1),
         "train_time_s": round(time.perf_counter() - train_start, 1),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip(),
+        "machine": machine(),
         "torch": torch.__version__,
         "dataset_version": shapes.VERSION,
     }
