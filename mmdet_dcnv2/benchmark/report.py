@@ -40,63 +40,81 @@ def _worst_outside(run: Dict) -> Optional[float]:
 
 
 def machine() -> str:
+    """CPU model (vendor string, family/model), CPU count and torch version: every table says where."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
         pass
+    cpu = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        cpu += f" (family {fields['cpu family']} model {fields['model']})"
     return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}"
 
 
-def runs_table(results: List[Dict]) -> List[str]:
+def primary_split(results: List[Dict]) -> str:
+    """The split the tables report: test when every run has it, else the first one evaluated (val, in
+    recipe work)."""
+    if all("test" in r["evaluation"] for r in results):
+        return "test"
+    return next(iter(results[0]["evaluation"]))
+
+
+def runs_table(results: List[Dict], split: str) -> List[str]:
     lines = [
-        "| model | seed | test AP | AP50 | AP_S | AP_M | AP_L | recall@0.5 | geometry-off AP | "
+        f"| model | seed | {split} AP | AP50 | AP_S | AP_M | AP_L | recall@0.5 | geometry-off AP | "
         "max outside | train min |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        test = r["evaluation"].get("test") or next(iter(r["evaluation"].values()))
-        box = test["bbox"]
+        main = r["evaluation"][split]
+        box = main["bbox"]
         rigid = r["evaluation"].get("test_rigid")
         worst = _worst_outside(r)
         lines.append(
             f"| {r['label']} | {r['seed']} | {_pct(box.get('bbox_mAP'))} | {_pct(box.get('bbox_mAP_50'))} | "
             f"{_pct(box.get('bbox_mAP_s'))} | {_pct(box.get('bbox_mAP_m'))} | {_pct(box.get('bbox_mAP_l'))} | "
-            f"{_pct(test['recall_at_score_0.5']['recall'])} | "
+            f"{_pct(main['recall_at_score_0.5']['recall'])} | "
             f"{_pct(rigid['bbox']['bbox_mAP']) if rigid else '–'} | "
             f"{'–' if worst is None else f'{worst:.2f}'} | {r['train_time_s'] / 60:.1f} |"
         )
     return lines
 
 
-def arms_table(results: List[Dict]) -> List[str]:
-    lines = ["| model | seeds | test AP (mean ± SD) | recall@0.5 | geometry-off AP |", "|---|---|---|---|---|"]
+def _mean_sd(values: List[float]) -> str:
+    values = [100 * v for v in values]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def arms_table(results: List[Dict], split: str) -> List[str]:
+    lines = [
+        f"| model | seeds | {split} AP (mean ± SD) | recall@0.5 | geometry-off AP |",
+        "|---|---|---|---|---|",
+    ]
     for arm in ARMS:
         runs = [r for r in results if r["model"] == arm]
         if not runs:
             continue
-
-        def stat(values: List[float]) -> str:
-            values = [100 * v for v in values]
-            if len(values) == 1:
-                return f"{values[0]:.1f}"
-            return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
-
-        ap = stat([r["evaluation"]["test"]["bbox"]["bbox_mAP"] for r in runs if "test" in r["evaluation"]])
-        rec = stat(
-            [r["evaluation"]["test"]["recall_at_score_0.5"]["recall"] for r in runs if "test" in r["evaluation"]]
-        )
-        rigid_runs = [r for r in runs if "test_rigid" in r["evaluation"]]
-        rigid = stat([r["evaluation"]["test_rigid"]["bbox"]["bbox_mAP"] for r in rigid_runs]) if rigid_runs else "–"
+        main = [r["evaluation"][split] for r in runs]
+        rigid = [r["evaluation"]["test_rigid"]["bbox"]["bbox_mAP"] for r in runs if "test_rigid" in r["evaluation"]]
         seeds = ",".join(str(r["seed"]) for r in runs)
-        lines.append(f"| {ARMS[arm].label} | {seeds} | {ap} | {rec} | {rigid} |")
+        lines.append(
+            f"| {ARMS[arm].label} | {seeds} | {_mean_sd([m['bbox']['bbox_mAP'] for m in main])} | "
+            f"{_mean_sd([m['recall_at_score_0.5']['recall'] for m in main])} | {_mean_sd(rigid)} |"
+        )
     return lines
 
 
-def compare(results: List[Dict], work_dir: str, arm: str) -> Optional[Dict]:
+def compare(results: List[Dict], arm: str, split_main: str = "test") -> Optional[Dict]:
     """``arm`` against the regular ConvNet on the seeds both have (None if fewer than one shared seed)."""
     from mmdet_dcnv2.evaluation import ImageLevelEval, paired_comparison
 
@@ -107,6 +125,8 @@ def compare(results: List[Dict], work_dir: str, arm: str) -> Optional[Dict]:
         return None
     out = {"seeds": seeds, "metrics": []}
     for metric, split, label in COMPARISONS:
+        if split == "test" and split_main != "test":
+            split, label = split_main, label.replace("test", split_main)
         if any(split not in r["evaluation"] for r in (*[ours[s] for s in seeds], *[regular[s] for s in seeds])):
             continue
         ann = ours[seeds[0]]["evaluation"][split]
@@ -162,23 +182,25 @@ def write(work_dir: str, results: List[Dict], total_time: float, args) -> Dict:
     """``summary.json`` / ``summary.md`` (+ ``loss_curves.png``) under ``work_dir``; returns the summary."""
     from .pictures import plot_losses
 
-    test = next((r["evaluation"]["test"] for r in results if "test" in r["evaluation"]), None)
+    split = primary_split(results)
+    main = results[0]["evaluation"][split]
     lines = [f"Machine: {machine()}; {results[0]['threads']} thread(s) per run; total {total_time / 60:.1f} min."]
-    if test is not None:
-        by_area = test["instances_by_area"]
+    if main is not None:
+        by_area = main["instances_by_area"]
         lines.append(
-            f"Test split: {test['images']} images, {by_area.get('all')} instances (small {by_area.get('small')}, "
+            f"{split.capitalize()} split: {main['images']} images, {by_area.get('all')} instances "
+            f"(small {by_area.get('small')}, "
             f"medium {by_area.get('medium')}, large {by_area.get('large')}: COCO's area ranges on the visible "
             "mask area). AP in %, COCO box mAP@[.5:.95]; recall@0.5 = class-correct recall of detections "
             "with score >= 0.5 at IoU >= 0.5; max outside = the largest fraction of sampling outside the map "
             "over the deformable layers at the end of training."
         )
-    lines += ["", *runs_table(results), "", *arms_table(results)]
+    lines += ["", *runs_table(results, split), "", *arms_table(results, split)]
     comparisons = {}
     for arm in ARMS:
         if arm == REFERENCE_ARM:
             continue
-        comparison = compare(results, work_dir, arm)
+        comparison = compare(results, arm, split)
         if comparison is not None:
             comparisons[arm] = comparison
             lines += ["", *comparison_table(arm, comparison)]
