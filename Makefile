@@ -79,8 +79,9 @@ demo-compare: install
 	$(PY) -P -m mmdet_dcnv2.tools.demo --work-dir $(COMPARE_DIR) --models regular dcnv2 --seeds 0 1 2 --jobs 2 $(DEMO_ARGS)
 
 # make ablation: the paper's Table 1 rows at this scale; reuses demo-compare's runs (same work dir), adds
-# DCNv1 (dconv + dpool), DCNv2 + mdpool and + R-CNN feature mimicking at the seeds named after ':'.
-ABLATION_ROWS ?= dcnv1:0,1,2 dcnv2_mdpool:0,1,2 dcnv2_mdpool_mimic:0
+# DCNv1 (dconv + dpool), DCNv2 + mdpool and + R-CNN feature mimicking at the seeds named after ':' (seed 0;
+# more: ABLATION_ROWS="dcnv1:0,1,2 ..."; each added run costs ~5 min of a 2-run wave here).
+ABLATION_ROWS ?= dcnv1:0 dcnv2_mdpool:0 dcnv2_mdpool_mimic:0
 ablation: install
 	$(PY) -P -m mmdet_dcnv2.tools.demo --work-dir $(COMPARE_DIR) --models regular dcnv2 $(ABLATION_ROWS) \
 	  --seeds 0 1 2 --jobs 2 $(DEMO_ARGS)
@@ -94,8 +95,8 @@ pretrain: install
 # DCNv2 models (seed 0), side by side (python -m mmdet_dcnv2.tools.spatial_support; ~10 s per model).
 # Needs `make demo-compare` first (not a make prerequisite: training takes a while); stops with a message
 # if its runs are missing. The image and nodes are SS_IMAGE / SS_NODES.
-SS_IMAGE  ?= data/shapes/test/000005.png
-SS_NODES  ?= conv:96,96 cls:0,0,1,1\#0
+SS_IMAGE  ?= data/shapes/test/000017.png
+SS_NODES  ?= conv:94,88 cls:37,23,151,154\#2
 SS_DIR    ?= work_dirs/spatial_support
 spatial-support: install
 	for arm in regular dcnv2; do run=$(COMPARE_DIR)/$$arm/seed0; \

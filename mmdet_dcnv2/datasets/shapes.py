@@ -8,7 +8,7 @@ and unannotated blobs, overlapping each other and partly hidden by occluders (ea
 half visible). Sizes are log-uniform from 16 to 256 px on 192x192 images (scaled with ``--size``;
 the largest are cut by the image border), so objects span from 2 to 24 cells of the c3 map (stride 8)
 and up to the whole c5 map (6x6, stride 32), and COCO's own area ranges (small < 32^2 < medium < 96^2
-< large, on the visible mask area) all occur: about 55% / 40% / 7% of the instances.
+< large, on the visible mask area) all occur: about 51% / 41% / 7% of the instances.
 Boxes are each instance's visible extent (COCO convention); ``area`` is its visible mask area.
 
 Splits, each its own random stream seeded by (seed, stream, index), so they are disjoint:
