@@ -27,6 +27,12 @@ def config_hash(cfg) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def model_hash(cfg) -> str:
+    """sha256 of the resolved model config alone (what an initial state depends on, with the seed)."""
+    text = json.dumps(cfg.model.to_dict(), sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _read(path: str) -> Optional[Dict]:
     try:
         with open(path) as f:

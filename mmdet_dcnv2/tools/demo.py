@@ -106,12 +106,12 @@ def prepare_initial_states(seeds: List[int], options) -> None:
     """The regular model's initialised state for each seed (mmdet_dcnv2.benchmark.pairing), made once."""
     from mmdet_dcnv2.benchmark import pairing
     from mmdet_dcnv2.benchmark.run import build_config, initial_state_path
-    from mmdet_dcnv2.benchmark.workdir import WorkDirError, config_hash
+    from mmdet_dcnv2.benchmark.workdir import WorkDirError, model_hash
 
     for seed in seeds:
         path = initial_state_path(options, seed)
         cfg = build_config(REFERENCE_ARM, seed, options, for_pairing=True)
-        made_from = {"config_sha256": config_hash(cfg), "pretrained_sha256": options.pretrained["sha256"]}
+        made_from = {"model_sha256": model_hash(cfg), "pretrained_sha256": options.pretrained["sha256"]}
         record = osp.splitext(path)[0] + ".json"
         if osp.exists(path):
             try:
@@ -121,7 +121,7 @@ def prepare_initial_states(seeds: List[int], options) -> None:
             except (OSError, ValueError):
                 pass
             raise WorkDirError(
-                f"{path} is the initial state of another set-up (other config or pretrained weights): "
+                f"{path} is the initial state of another set-up (other model config or pretrained weights): "
                 "pass another --work-dir, or remove that directory to start afresh"
             )
         pairing.save_initial_state(cfg, path)
