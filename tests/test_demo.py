@@ -100,10 +100,11 @@ def test_demo_compare_and_ablation_reuse_runs(tmp_path):
     assert code == 0, out[-4000:]
     assert out.count("started ") == 7  # 4 reused, 3 trained (their children report the reuse)
     assert os.path.getmtime(tmp_path / "work" / "dcnv2" / "seed1" / "metrics.json") == stamp
+    # 13 c3-c5 convs + one RoI pool per FPN level read by the RoI extractor (P2-P5).
     kinds = {
-        "dcnv1": (["DConv", "DPool"], 14),
-        "dcnv2_mdpool": (["MDConv", "MDPool"], 14),
-        "dcnv2_mdpool_mimic": (["MDConv", "MDPool"], 14),
+        "dcnv1": (["DConv", "DPool"], 17),
+        "dcnv2_mdpool": (["MDConv", "MDPool"], 17),
+        "dcnv2_mdpool_mimic": (["MDConv", "MDPool"], 17),
     }
     for arm, (types, count) in kinds.items():
         assert _metrics(tmp_path, arm)["deformable_layers"] == {"types": types, "count": count}
