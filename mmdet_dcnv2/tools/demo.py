@@ -183,10 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
     from mmdet_dcnv2.datasets import shapes
 
     parser = argparse.ArgumentParser(
-        description="Train, evaluate and compare DCNv2 detectors on the shapes benchmark (docs/main_job.md)."
+        prog="python -P -m mmdet_dcnv2.tools.demo",
+        description="Train, evaluate and compare DCNv2 detectors on the shapes benchmark (docs/main_job.md). "
+        "make demo = defaults (work dir work_dirs/shapes_demo); make demo-compare = --models regular dcnv2 "
+        "--seeds 0 1 2 --jobs 2 --work-dir work_dirs/shapes_compare.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--work-dir", default="work_dirs/shapes_demo")
-    parser.add_argument("--data-root", default="data/shapes", help="generated here if missing")
+    parser.add_argument("--work-dir", default="work_dirs/shapes_demo", help="runs go to WORK_DIR/<model>/seed<S>")
+    parser.add_argument(
+        "--data-root", default="data/shapes", help="the benchmark data: generated here if missing, checked if present"
+    )
     parser.add_argument(
         "--models",
         nargs="+",
@@ -197,10 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--baseline", action="store_true", help="also run the regular ConvNet (as --models regular dcnv2)"
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (paired across models)")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at the same time, in child processes")
     parser.add_argument("--iters", type=int, default=None, help="override the configs' training iterations")
-    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None, help="override the configs' batch size")
     parser.add_argument(
         "--eval-splits",
         nargs="+",
