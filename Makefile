@@ -86,10 +86,12 @@ ablation: install
 	$(PY) -P -m mmdet_dcnv2.tools.demo --work-dir $(COMPARE_DIR) --models regular dcnv2 $(ABLATION_ROWS) \
 	  --seeds 0 1 2 --jobs 2 $(DEMO_ARGS)
 
-# make pretrain: the backbone's classification pretraining (~13 min on 2 cores), into work_dirs/pretrain/;
-# use it with DEMO_ARGS="--pretrained work_dirs/pretrain/shapes_resnet50_w16.pth" (the package ships one).
+# make pretrain: the backbone's classification pretraining (~12 min on 2 cores) into the cache the demo
+# reads ($$MMDET_DCNV2_CACHE/pretrained, default ~/.cache/mmdet_dcnv2); the demo runs it itself when the
+# file is missing. Nothing is committed: the weights are generated.
+PRETRAINED := $(or $(MMDET_DCNV2_CACHE),$(HOME)/.cache/mmdet_dcnv2)/pretrained/shapes_resnet50_w16.pth
 pretrain: install
-	$(PY) -P -m mmdet_dcnv2.tools.pretrain_backbone --out work_dirs/pretrain/shapes_resnet50_w16.pth
+	$(PY) -P -m mmdet_dcnv2.tools.pretrain_backbone --out $(PRETRAINED)
 
 # The spatial-support pictures of docs/spatial_support.md: the same nodes on demo-compare's regular and
 # DCNv2 models (seed 0), side by side (python -m mmdet_dcnv2.tools.spatial_support; ~10 s per model).

@@ -64,3 +64,26 @@ def mmdet_scope():
 def gen() -> torch.Generator:
     """A CPU generator with a fixed seed, fresh for every test (tests do not depend on their order)."""
     return torch.Generator().manual_seed(SEED)
+
+
+@pytest.fixture(scope="session")
+def pretrained_cache(tmp_path_factory):
+    """A tiny pretrained shapes backbone (3 steps of the real command) in a private cache, which
+    MMDET_DCNV2_CACHE points at for the whole session (subprocesses included): the benchmark's weights
+    are generated, never committed, and the real ones take ~12 min to make."""
+    import os
+
+    pytest.importorskip("mmdet")
+    from mmdet_dcnv2.tools.pretrain_backbone import pretrain
+
+    root = tmp_path_factory.mktemp("mmdet_dcnv2_cache")
+    previous = os.environ.get("MMDET_DCNV2_CACHE")
+    os.environ["MMDET_DCNV2_CACHE"] = str(root)
+    from mmdet_dcnv2.benchmark import pretrained
+
+    pretrain(pretrained.default_path(), num_samples=32, num_holdout=8, steps=3, batch_size=8, threads=1)
+    yield pretrained.default_path()
+    if previous is None:
+        os.environ.pop("MMDET_DCNV2_CACHE", None)
+    else:
+        os.environ["MMDET_DCNV2_CACHE"] = previous

@@ -12,6 +12,7 @@ import pytest
 
 pytest.importorskip("mmdet")
 pytest.importorskip("matplotlib")
+pytestmark = pytest.mark.usefixtures("pretrained_cache")  # tiny generated weights (conftest)
 
 TINY_DATA = ["--num-train", "8", "--num-val", "4", "--num-test", "4", "--num-test-rigid", "4"]
 TINY_RUN = ["--iters", "2", "--batch-size", "2", "--num-vis", "2", "--health-interval", "1"]
@@ -145,8 +146,8 @@ def test_arms_start_from_identical_shared_weights(tmp_path):
         states[arm] = {k: v.clone() for k, v in runner.model.state_dict().items()}
     regular = states["regular"]
     # The pretrained backbone really is in it (not mmdet's random init).
-    shipped = torch.load(pretrained.shipped_path(), weights_only=True)
-    assert torch.equal(regular["backbone.layer3.0.conv2.weight"], shipped["layer3.0.conv2.weight"].float())
+    cached = torch.load(pretrained.default_path(), weights_only=True)
+    assert torch.equal(regular["backbone.layer3.0.conv2.weight"], cached["layer3.0.conv2.weight"].float())
     for arm in ("dcnv2", "dcnv1", "dcnv2_mdpool"):
         for key, value in regular.items():
             assert torch.equal(states[arm][key], value), (arm, key)
@@ -180,8 +181,8 @@ def test_bad_input_is_refused_with_a_message_and_nothing_overwritten(tmp_path):
 
     bad = tmp_path / "weights" / "backbone.pth"
     bad.parent.mkdir()
-    shutil.copy(pretrained.shipped_path(), bad)
-    shutil.copy(pretrained.shipped_path()[: -len(".pth")] + ".json", bad.parent / "backbone.json")
+    shutil.copy(pretrained.default_path(), bad)
+    shutil.copy(pretrained.default_path()[: -len(".pth")] + ".json", bad.parent / "backbone.json")
     with open(bad, "r+b") as f:
         f.seek(2000)
         f.write(b"\xff\xfe")
@@ -249,7 +250,7 @@ def test_mim_train_and_test_find_the_shapes_configs(tmp_path):
         out = run.stdout + run.stderr
         assert run.returncode == 0, out[-4000:]
         assert "we find the config file in codebase mmdet_dcnv2" in out and "bbox_mAP_copypaste" in out
-        assert "mmdet_dcnv2://pretrained/shapes_resnet50_w16.pth" in out  # the shipped backbone, found
+        assert "mmdet_dcnv2://pretrained/shapes_resnet50_w16.pth" in out  # the cached backbone, found
         test = subprocess.run(
             [mim, "test", "mmdet_dcnv2", name, "--gpus", "0", "--checkpoint", str(work / "iter_2.pth")]
             + ["--work-dir", str(work / "test")],

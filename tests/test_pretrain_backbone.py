@@ -40,14 +40,14 @@ def test_pretraining_writes_weights_and_a_record_that_verify_accepts(tmp_path):
         pretrained.verify(str(tmp_path / "absent.pth"))
 
 
-def test_shipped_weights_verify_and_load_through_the_checkpoint_scheme():
+def test_cached_weights_verify_and_load_through_the_checkpoint_scheme(pretrained_cache):
     from mmengine.runner.checkpoint import CheckpointLoader
 
     import mmdet_dcnv2  # noqa: F401  (registers the scheme)
     from mmdet_dcnv2.benchmark import pretrained
 
     record = pretrained.verify()
-    assert record["path"] == pretrained.shipped_path()
+    assert record["path"] == pretrained.default_path() == pretrained_cache
     state = CheckpointLoader.load_checkpoint("mmdet_dcnv2://pretrained/shapes_resnet50_w16.pth", map_location="cpu")
     assert "layer1.0.conv1.weight" in state
     with pytest.raises(pretrained.PretrainedError, match="expected mmdet_dcnv2://pretrained/"):

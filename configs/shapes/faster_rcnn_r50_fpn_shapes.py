@@ -4,8 +4,8 @@
 # so the arms of a comparison differ only in their deformable layers.
 # - backbone: mmdet's ResNet-50 at base_channels=16 (stage outputs 64/128/256/512; mmdet's BasicBlock
 #   cannot carry DCN), pretrained on the generator's classification stream
-#   (python -P -m mmdet_dcnv2.tools.pretrain_backbone; the package ships the weights, see
-#   mmdet_dcnv2/pretrained/), stem + stage 1 frozen, BN frozen (mmdet's recipe for pretrained backbones);
+#   (python -P -m mmdet_dcnv2.tools.pretrain_backbone / make pretrain, into the cache; the demo makes
+#   it on first use), stem + stage 1 frozen, BN frozen (mmdet's recipe for pretrained backbones);
 # - 64-channel FPN and heads; anchors 16-256 px for the 16-200 px objects (scales=[4]);
 # - RoIs of side < 56 px pooled from P2, 56-112 from P3, 112-224 from P4 (finest_scale=28; mmdet's 56
 #   would send everything under 112 px to P2, which no c3-c5 layer feeds directly);
@@ -22,7 +22,7 @@ data_root = 'data/shapes/'
 image_size = (192, 192)
 batch_size = 4
 max_iters = 1200
-# The shipped pretrained backbone, found in the installed package and checked against its sha256
+# The pretrained backbone, found in the cache (~/.cache/mmdet_dcnv2/pretrained) and checked against its sha256
 # (mmdet_dcnv2.benchmark.pretrained); the demo's --pretrained PATH replaces it.
 pretrained = 'mmdet_dcnv2://pretrained/shapes_resnet50_w16.pth'
 

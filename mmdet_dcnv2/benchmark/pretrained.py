@@ -1,18 +1,21 @@
 """The benchmark's pretrained backbone: where it is, and a check that it is the file its record names.
 
-Configs name the shipped weights ``mmdet_dcnv2://pretrained/<file>.pth``: a checkpoint scheme of
+The weights are generated, not shipped: ``make pretrain`` (or the demo's first run) writes them to
+the cache, ``$MMDET_DCNV2_CACHE/pretrained/`` (default ``~/.cache/mmdet_dcnv2``, where the mmcv wheel is
+cached too). Configs name them ``mmdet_dcnv2://pretrained/<file>.pth``: a checkpoint scheme of
 mmengine's ``CheckpointLoader`` (registered on ``import mmdet_dcnv2``, like our modules) that resolves
-to the installed package's file and checks its sha256 before loading, so ``mim train`` finds it from
-any directory and never trains from a damaged file.
+to that cache file and checks its sha256 before loading, so ``mim train`` finds it from any directory
+and never trains from a damaged file.
 """
 
 import json
+import os
 import os.path as osp
 from typing import Dict, Optional
 
 from mmdet_dcnv2.tools.pretrain_backbone import sha256, sidecar_path
 
-SHIPPED_NAME = "shapes_resnet50_w16.pth"
+DEFAULT_NAME = "shapes_resnet50_w16.pth"
 SCHEME = "mmdet_dcnv2://"
 
 
@@ -20,21 +23,26 @@ class PretrainedError(RuntimeError):
     """Pretrained weights that cannot be used (the message says why and what to do)."""
 
 
-def shipped_path() -> str:
-    import mmdet_dcnv2
+def cache_dir() -> str:
+    root = os.environ.get("MMDET_DCNV2_CACHE") or osp.join(osp.expanduser("~"), ".cache", "mmdet_dcnv2")
+    return osp.join(root, "pretrained")
 
-    return osp.join(osp.dirname(mmdet_dcnv2.__file__), "pretrained", SHIPPED_NAME)
+
+def default_path() -> str:
+    """Where ``make pretrain`` and the demo's first run put the benchmark's backbone."""
+    return osp.join(cache_dir(), DEFAULT_NAME)
 
 
 def verify(path: Optional[str] = None) -> Dict:
-    """``path`` (default: the shipped weights) checked against the sha256 in its sidecar record
+    """``path`` (default: ``default_path()``) checked against the sha256 in its sidecar record
     (``<path without .pth>.json``, written by ``mmdet_dcnv2.tools.pretrain_backbone``); returns the
     record with ``path`` added. Raises PretrainedError naming what is wrong."""
-    path = osp.abspath(path or shipped_path())
+    path = osp.abspath(path or default_path())
     if not osp.isfile(path):
         raise PretrainedError(
             f"pretrained backbone {path} not found. Make one with `python -P -m "
-            f"mmdet_dcnv2.tools.pretrain_backbone --out {path}` (~12 min on 2 cores) or pass --pretrained."
+            f"mmdet_dcnv2.tools.pretrain_backbone --out {path}` (`make pretrain`; ~12 min on 2 cores; the demo "
+            "does it on its first run) or pass --pretrained."
         )
     record_file = sidecar_path(path)
     try:
@@ -50,20 +58,19 @@ def verify(path: Optional[str] = None) -> Dict:
     if actual != expected:
         raise PretrainedError(
             f"pretrained backbone {path} has sha256 {actual[:16]}..., but its record {record_file} says "
-            f"{expected[:16]}...: the file was changed or damaged. Restore it (git checkout, reinstall) or "
-            "regenerate both with mmdet_dcnv2.tools.pretrain_backbone."
+            f"{expected[:16]}...: the file was changed or damaged. Remove both to have them "
+            "regenerated (`make pretrain`, or the demo's next run), or restore them."
         )
     return dict(record, path=path)
 
 
 def resolve(filename: str) -> str:
-    """``mmdet_dcnv2://pretrained/<name>.pth`` -> the installed package's file."""
-    import mmdet_dcnv2
-
+    """``mmdet_dcnv2://pretrained/<name>.pth`` -> that file in the cache (``cache_dir()``)."""
     relative = filename[len(SCHEME) :]
-    if not relative.startswith("pretrained/") or ".." in relative.split("/"):
+    parts = relative.split("/")
+    if len(parts) != 2 or parts[0] != "pretrained" or parts[1] in ("", ".", ".."):
         raise PretrainedError(f"{filename!r}: expected {SCHEME}pretrained/<file>.pth")
-    return osp.join(osp.dirname(mmdet_dcnv2.__file__), relative)
+    return osp.join(cache_dir(), parts[1])
 
 
 def _load_from_package(filename: str, map_location=None):

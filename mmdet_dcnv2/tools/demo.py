@@ -218,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--num-" + split.replace("_", "-")
         parser.add_argument(flag, type=int, default=shapes.DEFAULT_COUNTS[split], help=f"{split} images to generate")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the generated dataset")
-    parser.add_argument("--pretrained", default=None, help="backbone weights (default: the shipped ones)")
+    parser.add_argument(
+        "--pretrained", default=None, help="backbone weights (default: the cached ones, made on first use)"
+    )
     parser.add_argument("--num-vis", type=int, default=8, help="test images to draw")
     parser.add_argument("--score-thr", type=float, default=0.5, help="score threshold of the drawings")
     parser.add_argument("--health-interval", type=int, default=100, help="iterations between health measurements")
@@ -275,6 +277,25 @@ def _main(args, argv: List[str], runs: List[Tuple[str, int]]) -> Dict:
     from mmdet_dcnv2.benchmark.run import RunOptions, run
     from mmdet_dcnv2.datasets import shapes
 
+    if args.pretrained is None and not os.path.exists(pretrained.default_path()):
+        if args.single_run is not None or rank != 0:
+            _barrier(distributed)  # rank 0 makes it
+        else:
+            from mmdet_dcnv2.tools.pretrain_backbone import pretrain
+
+            print(
+                f"pretrained backbone: none in {pretrained.cache_dir()} yet; pretraining it once (~12 min on 2 "
+                "cores, cached for every later run)",
+                flush=True,
+            )
+            pretrain(pretrained.default_path(), threads=os.cpu_count() or 1)  # alone on the machine: every core
+            if args.threads:
+                import torch
+
+                torch.set_num_threads(args.threads)
+            _barrier(distributed)
+    elif args.pretrained is None:
+        _barrier(distributed)
     record = pretrained.verify(args.pretrained)
     if args.single_run is None and rank == 0:
         prepare_data(args)

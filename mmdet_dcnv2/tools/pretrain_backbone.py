@@ -1,6 +1,6 @@
 """Pretrain the shapes benchmark's backbone on a classification task, as the paper starts from ImageNet.
 
-    python -P -m mmdet_dcnv2.tools.pretrain_backbone --out ~/.cache/mmdet_dcnv2/shapes_backbone.pth
+    python -P -m mmdet_dcnv2.tools.pretrain_backbone --out ~/.cache/mmdet_dcnv2/pretrained/shapes_resnet50_w16.pth
 
 The backbone is the detectors' own (mmdet's ResNet-50 with ``base_channels=16``, regular 3x3
 convolutions everywhere: a deformable layer built on it starts from these weights with its offset conv
@@ -9,10 +9,11 @@ stream (``mmdet_dcnv2.datasets.shapes.classification_sample``: stream 4, disjoin
 both test splits), through global average pooling and a linear layer that is thrown away afterwards.
 
 Writes OUT (the backbone's state dict, float16 to keep it small: ~3 MB) and OUT's sidecar
-``<OUT without .pth>.json`` (its sha256, held-out accuracy, steps, time, machine). The package ships
-one such file (``mmdet_dcnv2/pretrained/``) made by this command with its defaults; CPU training is not
-bitwise reproducible across CPUs, so a regenerated file has another hash: the demo checks a file
-against the hash in its sidecar, and records the hash it used.
+``<OUT without .pth>.json`` (its sha256, held-out accuracy, steps, time, machine). Nothing is shipped:
+``make pretrain`` (or the demo's first run) writes it to the cache the configs read
+(``mmdet_dcnv2.benchmark.pretrained.default_path()``). CPU training is not bitwise reproducible across
+CPUs, so each machine's file has its own hash: the demo checks a file against the hash in its sidecar,
+and records the hash it used.
 
 Budget: ~13 min on 2 cores (``--threads 2``); progress and an ETA are printed. From scratch, the loss
 sits near ln 6 for the first ~500 steps before it falls: shorter schedules do not get off that plateau.
