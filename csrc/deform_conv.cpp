@@ -167,11 +167,28 @@ bool mkl_capped_below_cpu() {
 
 }  // namespace
 
-CpuGemm cpu_gemm_route(at::ScalarType dtype, ColumnLayout layout) {
+namespace {
+
+// MMDET_DCNV2_CPU_GEMM, checked: auto (or unset), brgemm, mm or onednn.
+std::string cpu_gemm_choice() {
   const char* env = std::getenv("MMDET_DCNV2_CPU_GEMM");
   const std::string choice = env == nullptr || *env == '\0' ? "auto" : env;
-  TORCH_CHECK_VALUE(choice == "auto" || choice == "mm" || choice == "onednn",
-                    "MMDET_DCNV2_CPU_GEMM must be auto, mm or onednn, got '", choice, "'");
+  TORCH_CHECK_VALUE(choice == "auto" || choice == "brgemm" || choice == "mm" || choice == "onednn",
+                    "MMDET_DCNV2_CPU_GEMM must be auto, brgemm, mm or onednn, got '", choice, "'");
+  return choice;
+}
+
+}  // namespace
+
+bool cpu_fused_forward(at::ScalarType dtype) {
+  const std::string choice = cpu_gemm_choice();
+  // The microkernel is oneDNN's (through ATen's cpublas::brgemm, which falls back to its BLAS gemm
+  // where oneDNN is off): float32 only; mm/onednn ask for the tiled forward on that route.
+  return dtype == at::kFloat && (choice == "auto" || choice == "brgemm");
+}
+
+CpuGemm cpu_gemm_route(at::ScalarType dtype, ColumnLayout layout) {
+  const std::string choice = cpu_gemm_choice();
   // Where oneDNN can run the GEMMs at all: torch built with it and not switched off
   // (torch.backends.mkldnn.enabled), pixel-major columns, and a dtype it computes in full: float32,
   // and bfloat16 where the CPU has the AVX-512 subsets ATen's oneDNN bfloat16 path requires.
@@ -196,7 +213,8 @@ namespace {
 
 std::string cpu_gemm_route_op(at::ScalarType dtype) {
   // The CPU backend's layout (the only one the oneDNN route applies to).
-  return cpu_gemm_name(cpu_gemm_route(dtype, ColumnLayout::kPixelMajor));
+  const char* tiled = cpu_gemm_name(cpu_gemm_route(dtype, ColumnLayout::kPixelMajor));
+  return std::string("forward ") + (cpu_fused_forward(dtype) ? "brgemm" : tiled) + ", backward " + tiled;
 }
 
 }  // namespace
@@ -244,10 +262,10 @@ struct ColumnMatrix {
   }
 };
 
-// The weight as (C_out, C_in/groups * taps) rows in the order of the columns' rows: (c, k) as stored
-// for the channel-major layout, (k, c) for the pixel-major one. (Explicit sizes: C_in may be 0.)
-// (B, R, C) -> (B, C, R), contiguous; on the CPU by blocked transposes (ATen's copy of a transposed
-// view costs ~5 ms for c5's weight, a sixth of the dense convolution).
+}  // namespace
+
+// On the CPU by blocked transposes (ATen's copy of a transposed view costs ~5 ms for c5's weight, a
+// sixth of the dense convolution).
 at::Tensor swap_inner_dims(const at::Tensor& t, int64_t b, int64_t r, int64_t c) {
   const at::Tensor src = t.contiguous().view({b, r, c});
   if (!src.is_cpu()) return src.transpose(1, 2).contiguous();
@@ -264,6 +282,8 @@ at::Tensor weight_in_column_order(const at::Tensor& weight, const ConvGeometry& 
   return swap_inner_dims(weight, g.out_channels, g.in_per_group(), g.taps())
       .view({g.out_channels, g.in_per_group() * g.taps()});
 }
+
+namespace {
 
 // ---- the oneDNN route (CpuGemm::kOneDnn) ----
 // A pixel-major (cols, K) matrix is a channels-last (1, K, 1, cols) image, and the weight in column

@@ -117,6 +117,13 @@ class ColumnKernels {
   virtual void finish_backward(ConvGrads& grads) {}
 };
 
+// (B, R, C) -> (B, C, R), contiguous.
+at::Tensor swap_inner_dims(const at::Tensor& t, int64_t b, int64_t r, int64_t c);
+
+// The weight as (C_out, C_in/groups * taps) rows in the order of the columns' rows: (c, k) as stored
+// for the channel-major layout, (k, c) for the pixel-major one. (Explicit sizes: C_in may be 0.)
+at::Tensor weight_in_column_order(const at::Tensor& weight, const ConvGeometry& g, ColumnLayout layout);
+
 // How the driver runs the GEMMs of a CPU call (output, grad of columns, grad of weight):
 //   kMm:     at::mm/addmm (BLAS: MKL in torch's x86 builds);
 //   kOneDnn: oneDNN 1x1 convolutions (forward, backward data and weights) over the pixel-major column
@@ -125,9 +132,16 @@ class ColumnKernels {
 // Chosen by a fixed rule on the CPU, dtype and layout (never by timing, which would make results
 // differ run to run), overridden by MMDET_DCNV2_CPU_GEMM=mm|onednn (auto: the rule). CUDA always
 // uses cuBLAS; float64, and a backend with channel-major columns, always use kMm.
+// MMDET_DCNV2_CPU_GEMM=brgemm or auto (unset) leave the tiled GEMMs to that rule.
 enum class CpuGemm { kMm, kOneDnn };
 CpuGemm cpu_gemm_route(at::ScalarType dtype, ColumnLayout layout);
 const char* cpu_gemm_name(CpuGemm route);
+
+// Whether a CPU forward of this dtype runs fused instead (cpu/deform_conv_kernel.cpp): the columns of
+// a block of output pixels filled and multiplied while they are in cache, by oneDNN's batch-reduce
+// GEMM microkernel, never materialised for the whole tile. float32 unless MMDET_DCNV2_CPU_GEMM is mm
+// or onednn (which ask for the tiled forward on that route).
+bool cpu_fused_forward(at::ScalarType dtype);
 
 // The device-independent part: tiling the batch under the column budget and the GEMMs with the
 // weight.

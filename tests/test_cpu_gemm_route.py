@@ -1,6 +1,7 @@
-"""The CPU GEMM routes (at::mm vs oneDNN 1x1 convolutions, MMDET_DCNV2_CPU_GEMM) and the ISA builds of
-the sampling loops (MMDET_DCNV2_CPU_ISA): every path gives the reference's results, each is bitwise
-repeatable at a fixed thread count, and the overrides do what they say.
+"""The CPU GEMM routes (the fused brgemm forward, tiled at::mm or oneDNN 1x1 convolutions;
+MMDET_DCNV2_CPU_GEMM) and the ISA builds of the sampling loops (MMDET_DCNV2_CPU_ISA): every path gives
+the reference's results, each is bitwise repeatable at a fixed thread count (the fused forward at any
+thread count), and the overrides do what they say.
 
 Shapes are small but above ATen's size threshold for oneDNN (K * pixels > 20480 elements of columns),
 so the oneDNN route's backward really runs on oneDNN here.
@@ -16,7 +17,20 @@ import mmdet_dcnv2.ops as ops
 from mmdet_dcnv2.ops import modulated_deform_conv2d
 from reference import modulated_deform_conv2d_ref
 
-ROUTE = torch.ops.mmdet_dcnv2._cpu_gemm_route
+ROUTES = torch.ops.mmdet_dcnv2._cpu_gemm_route
+
+
+def ROUTE(dtype):
+    """The tiled GEMM route ('mm' or 'onednn'): the backward's, and the forward's where not fused."""
+    forward, backward = (part.split()[1] for part in ROUTES(dtype).split(", "))
+    return backward
+
+
+def FORWARD(dtype):
+    """The forward's route: 'brgemm' (fused) or the tiled route."""
+    return ROUTES(dtype).split(", ")[0].split()[1]
+
+
 ISA = torch.ops.mmdet_dcnv2._cpu_isa
 NAMES = ("output", "input", "offset", "mask", "weight", "bias")
 ISAS = ("baseline", "avx2", "avx512")
@@ -110,14 +124,17 @@ def assert_equal(got, want, what=""):
 
 def test_route_override_and_rule():
     with env("MMDET_DCNV2_CPU_GEMM", "mm"):
-        assert ROUTE(torch.float32) == "mm"
-    with env("MMDET_DCNV2_CPU_GEMM", None):
-        assert ROUTE(torch.float32) in ("mm", "onednn")
-        assert ROUTE(torch.float64) == "mm"  # float64 never leaves at::mm
-        assert ROUTE(torch.float16) == "mm"
+        assert ROUTES(torch.float32) == "forward mm, backward mm"
+    for choice in (None, "auto", "brgemm"):
+        with env("MMDET_DCNV2_CPU_GEMM", choice):
+            assert FORWARD(torch.float32) == "brgemm"
+            assert ROUTE(torch.float32) in ("mm", "onednn")
+            assert ROUTES(torch.float64) == "forward mm, backward mm"  # float64 never leaves at::mm
+            assert ROUTES(torch.float16) == "forward mm, backward mm"
+            assert FORWARD(torch.bfloat16) == ROUTE(torch.bfloat16)  # the fused forward is float32 only
     if torch.backends.mkldnn.is_available():
         with env("MMDET_DCNV2_CPU_GEMM", "onednn"):
-            assert ROUTE(torch.float32) == "onednn"
+            assert ROUTES(torch.float32) == "forward onednn, backward onednn"
             assert ROUTE(torch.float64) == "mm"
             with torch.backends.mkldnn.flags(enabled=False):  # the user switched oneDNN off
                 assert ROUTE(torch.float32) == "mm"
@@ -246,3 +263,79 @@ def test_every_isa_matches_reference_and_repeats(dtype, gen):
             assert_close(first, want, rtol=tol, atol=tol, what=f"{isa} vs reference")
             # Across ISAs only FMA contraction may differ: far tighter than the reference tolerance.
             assert_close(first, baseline, rtol=tol, atol=tol, what=f"{isa} vs baseline")
+
+
+# ---- the fused forward (oneDNN's brgemm microkernel per block of output pixels) ----
+
+FUSED_CASES = [
+    # pixels not a multiple of the 64-row blocks, channels not a multiple of 8
+    pytest.param(dict(n=2, c=12, size=13), id="tails"),
+    pytest.param(dict(n=3, c=16, size=12, groups=2, deform_groups=4, bias=False), id="groups2_dg4_nobias"),
+    # 80 * 9 = 720 values per pixel: chunks of kernel points; 300 outputs: two blocks of 256 outputs
+    pytest.param(dict(n=1, c=80, cout=300, size=19), id="chunks_outblocks"),
+    pytest.param(dict(n=2, c=64, size=5, deform_groups=4), id="tiny_map"),
+]
+
+
+def fused_case(gen, c=16, cout=None, **kwargs):
+    tensors, _, params = make_case(gen, c=c, **kwargs)
+    if cout is not None:  # a weight (and bias) with other output channels than input channels
+        x, offset, mask, _, b = tensors
+        weight = 0.1 * torch.randn(cout, c // params["groups"], 3, 3, generator=gen)
+        tensors = [x, offset, mask, weight, torch.randn(cout, generator=gen) if b is not None else None]
+    return tensors, params
+
+
+def forward_with(fn, tensors, params):
+    return fn(*tensors, 1, 1, 1, params["groups"], params["deform_groups"])
+
+
+def forward(tensors, params):
+    return forward_with(modulated_deform_conv2d, tensors, params)
+
+
+@pytest.mark.parametrize("kwargs", FUSED_CASES)
+def test_fused_forward_matches_reference_and_tiled_route(kwargs, gen):
+    tensors, params = fused_case(gen, **kwargs)
+    with env("MMDET_DCNV2_CPU_GEMM", "brgemm"):
+        fused = forward(tensors, params)
+    with env("MMDET_DCNV2_CPU_GEMM", "mm"):
+        tiled = forward(tensors, params)
+    want = forward_with(modulated_deform_conv2d_ref, [t.double() if t is not None else None for t in tensors], params)
+    torch.testing.assert_close(fused.double(), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused, tiled, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs", FUSED_CASES[:3])
+def test_fused_forward_is_bitwise_the_same_at_any_thread_count(kwargs, gen):
+    """Every output element comes from one task with the same kernel shapes, whatever the number of
+    threads (which changes the pixels per task): the same bits on 1, 2 and 3 threads, run to run."""
+    tensors, params = fused_case(gen, **kwargs)
+    with env("MMDET_DCNV2_CPU_GEMM", "brgemm"):
+        runs = []
+        for threads in (1, 2, 3, 1):
+            with num_threads(threads):
+                runs.append(forward(tensors, params))
+    for threads, again in zip((2, 3, 1), runs[1:]):
+        assert torch.equal(again, runs[0]), f"{threads} threads"
+
+
+def test_fused_forward_with_onednn_switched_off(gen):
+    """With torch.backends.mkldnn off, ATen's brgemm runs its BLAS fallback: same results."""
+    tensors, params = fused_case(gen, n=2, c=12, size=13)
+    with env("MMDET_DCNV2_CPU_GEMM", "brgemm"):
+        want = forward(tensors, params)
+        with torch.backends.mkldnn.flags(enabled=False):
+            got = forward(tensors, params)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_forward_in_every_isa_build(gen):
+    """The plan, fill and transposes of each build, under the fused forward."""
+    tensors, params = fused_case(gen, n=2, c=12, size=13, deform_groups=2)
+    with env("MMDET_DCNV2_CPU_GEMM", "brgemm"):
+        with env("MMDET_DCNV2_CPU_ISA", "baseline"):
+            baseline = forward(tensors, params)
+        for isa in cpu_supports():
+            with env("MMDET_DCNV2_CPU_ISA", isa):
+                torch.testing.assert_close(forward(tensors, params), baseline, rtol=1e-5, atol=1e-5)

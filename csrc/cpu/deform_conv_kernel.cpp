@@ -17,6 +17,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <array>
@@ -55,6 +56,16 @@ namespace {
 constexpr int64_t kTileBytes = int64_t(4) << 20;
 // ... but never fewer columns than keep the GEMM efficient (wide layers such as c5 need the larger tile).
 constexpr int64_t kMinTileColumns = 512;
+// The fused forward's blocks: the brgemm's A is kFusedRows pixels (one fixed M, so a layer needs
+// few kernels: ATen caches one per shape and thread), a task holds at most kFusedBlockPixels pixels,
+// a chunk about kFusedChunkColumns values per pixel and a call at most kFusedOutColumns outputs, so
+// that A (<= 256 x 512 floats), B's block (512 x 256) and the accumulators stay in a core's cache.
+// Measured at c3-c5 with one thread (a blocked brgemm against at::mm on the same operands):
+// 64 x 256 x 512 blocks ran 3-7% faster than MKL's sgemm, an unblocked c5 call 7x slower.
+constexpr int64_t kFusedRows = 64;
+constexpr int64_t kFusedBlockPixels = 256;
+constexpr int64_t kFusedChunkColumns = 512;
+constexpr int64_t kFusedOutColumns = 256;
 // Samples a thread should have at least before another one is woken: waking threads for a tiny
 // layer costs more than the work (seen: a 10x slower gradcheck on a busy machine).
 constexpr int64_t kMinSamplesPerThread = int64_t(1) << 14;
@@ -73,6 +84,7 @@ constexpr int kLanes = 8;
 template <typename scalar_t>
 constexpr CpuIsa kFillIsa = std::is_same_v<scalar_t, c10::BFloat16> ? CpuIsa::kAvx512 : CpuIsa::kAvx2;
 constexpr CpuIsa kScatterIsa = CpuIsa::kAvx512;
+constexpr CpuIsa kPlanIsa = CpuIsa::kAvx512;
 constexpr CpuIsa kDotsIsa = CpuIsa::kAvx2;
 
 // The level a loop runs: MMDET_DCNV2_CPU_ISA's where set (any build, for tests and measurements),
@@ -199,19 +211,28 @@ DCN_INLINE void corner_dots(const scalar_t* __restrict__ grad, const scalar_t* _
   }
 }
 
-// The sampling plan of a tile, entry q * rows + row for column q and plan row (deform group, kernel
-// point), as separate arrays.
+// Part of a column row to fill: kernel points [k0, k1) of the channels [c_lo, c_hi) (within one conv
+// group), written at (position in the full row) - base, rows ld elements apart.
+struct FillChunk {
+  int64_t k0, k1, c_lo, c_hi, base, ld;
+};
+
+// The sampling plan of a tile, entry row * cols + q for column q and plan row (deform group, kernel
+// point), as separate arrays: a plan row's entries are consecutive, as the offsets they come from.
 template <typename acc_t>
 struct Plan {
+  int64_t cols = 0;
   std::vector<int32_t> base;            // padded position (in pixels) of the (low y, low x) corner; 0 = outside
   std::array<std::vector<acc_t>, 4> w;  // bilinear weights, times the mask where the plan folds it in
   std::vector<acc_t> mask;              // the mask, where it is kept apart
 
-  void resize(int64_t n, bool with_mask) {
-    base.resize(n);
-    for (auto& wj : w) wj.resize(n);
-    if (with_mask) mask.resize(n);
+  void resize(int64_t rows, int64_t cols_, bool with_mask) {
+    cols = cols_;
+    base.resize(rows * cols);
+    for (auto& wj : w) wj.resize(rows * cols);
+    if (with_mask) mask.resize(rows * cols);
   }
+  DCN_INLINE int64_t entry(int64_t q, int64_t row) const { return row * cols + q; }
   DCN_INLINE void weights(int64_t i, acc_t out[4]) const {
     for (int j = 0; j < 4; ++j) out[j] = w[j][i];
   }
@@ -238,7 +259,13 @@ class CpuColumns final : public ColumnKernels {
         pad_plane_((g.height + 3) * (g.width + 2)),
         offset_(offset.const_data_ptr<scalar_t>()),
         mask_(mask.defined() ? mask.const_data_ptr<scalar_t>() : nullptr),
-        fold_mask_(fold_mask) {
+        fold_mask_(fold_mask),
+        base_y_(g.pixels()),
+        base_x_(g.pixels()) {
+    for (int64_t p = 0; p < g.pixels(); ++p) {  // conv_base_y/x of kernel point (0, 0)
+      base_y_[p] = static_cast<int32_t>(p / g.out_w * g.sampling.stride_h - g.sampling.pad_h);
+      base_x_[p] = static_cast<int32_t>(p % g.out_w * g.sampling.stride_w - g.sampling.pad_w);
+    }
     TORCH_CHECK_VALUE(pad_plane_ < (int64_t(1) << 31), "input planes of more than 2^31 elements (", g.height, " x ",
                       g.width, ") are not supported on CPU");
     // Only the border is zeroed; the transpose below writes the interior (zeroing it too was a pass
@@ -280,8 +307,83 @@ class CpuColumns final : public ColumnKernels {
   void fill_columns(const at::Tensor& columns) override {
     scalar_t* out = columns.data_ptr<scalar_t>();
     const CpuIsa isa = loop_isa(kFillIsa<scalar_t>);
-    at::parallel_for(0, tile_.cols(), grain_for(g_.in_channels * g_.taps()),
-                     [&](int64_t q0, int64_t q1) { DCN_ISA_CALL(isa, fill_range, (out, q0, q1)); });
+    const FillChunk whole{0, g_.taps(), 0, g_.in_channels, 0, g_.in_channels * g_.taps()};
+    at::parallel_for(0, tile_.cols(), grain_for(g_.in_channels * g_.taps()), [&](int64_t q0, int64_t q1) {
+      DCN_ISA_CALL(isa, fill_range, (tile_, plan_, whole, out, q0, q1));
+    });
+  }
+
+  // The fused forward (cpu_fused_forward): per block of output pixels, the sampling plan, then per
+  // conv group and chunk of kernel points the block's columns -- small enough to stay in the core's
+  // cache -- and their product with the weight by oneDNN's batch-reduce GEMM microkernel
+  // (at::native::cpublas::brgemm), accumulated over the chunks in a float block of the output that is
+  // transposed into place at the end. The tiled path writes a 4 MiB column tile out to the shared
+  // cache and MKL copies it back into its own panels; here the columns are read once, from the
+  // core's cache, where they were written (measured at c3, one thread: the copy alone was ~12% of
+  // the op). Every output element is computed by one task with the same kernel shapes whatever the
+  // thread count and block size, so results are bitwise identical at any thread count.
+  at::Tensor forward_fused(const at::Tensor& weight, const std::optional<at::Tensor>& bias) const {
+    static_assert(std::is_same_v<scalar_t, float>, "the fused forward is float32 only");
+    const int64_t taps = g_.taps(), cpg = g_.in_per_group(), out_pg = g_.out_per_group();
+    const int64_t k_group = taps * cpg, n_out = g_.out_channels, pixels = g_.pixels();
+    at::Tensor output = at::empty({g_.batch, n_out, g_.out_h, g_.out_w}, weight.options());
+    // B of group grp: (taps * cpg, C_out / groups) row-major, rows in the columns' (k, c) order:
+    // B[grp][k * cpg + c][o] = weight[grp * out_pg + o][c][k], one reordering transpose.
+    at::Tensor b = at::empty({g_.groups, k_group, out_pg}, weight.options());
+    const float* w_data = weight.const_data_ptr<float>();
+    float* b_rows = b.data_ptr<float>();
+    at::parallel_for(0, g_.groups * out_pg, kTransposeBlock, [&](int64_t r0, int64_t r1) {
+      while (r0 < r1) {  // rows of one group at a time
+        const int64_t grp = r0 / out_pg, end = std::min(r1, (grp + 1) * out_pg);
+        transpose_f32(w_data + r0 * k_group, k_group, end - r0, k_group, b_rows + grp * k_group * out_pg + r0 % out_pg,
+                      out_pg, false, nullptr, taps);
+        r0 = end;
+      }
+    });
+    const float* b_data = b.const_data_ptr<float>();
+    const float* bias_data = bias.has_value() ? bias->const_data_ptr<float>() : nullptr;
+    const int64_t block = fused_block_pixels();
+    const int64_t blocks = (pixels + block - 1) / block;
+    // Kernel points per chunk: about kFusedChunkColumns values per column, in equal chunks.
+    const int64_t chunks =
+        std::max<int64_t>(1, std::min(taps, (k_group + kFusedChunkColumns - 1) / kFusedChunkColumns));
+    const int64_t taps_per_chunk = (taps + chunks - 1) / chunks;
+    const CpuIsa isa = loop_isa(kFillIsa<scalar_t>);
+    float* out_data = output.data_ptr<float>();
+
+    at::parallel_for(0, g_.batch * blocks, 1, [&](int64_t t0, int64_t t1) {
+      Plan<acc_t> plan;
+      // Rows past a block's last pixel keep earlier (finite) values or zeros: their output rows are
+      // computed and dropped (a GEMM row depends on its own row of A only).
+      std::vector<float> a(block * taps_per_chunk * cpg), c(block * n_out);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n = t / blocks, p0 = (t % blocks) * block, p1 = std::min(pixels, p0 + block);
+        const ColumnTile tile{n, 1, p0, p1};
+        const int64_t rows_m = (tile.cols() + kFusedRows - 1) / kFusedRows * kFusedRows;
+        plan.resize(plan_rows(), tile.cols(), /*with_mask=*/false);
+        plan_range(tile, plan, 0, tile.cols());
+        for (int64_t grp = 0; grp < g_.groups; ++grp) {
+          for (int64_t k0 = 0; k0 < taps; k0 += taps_per_chunk) {
+            const int64_t k1 = std::min(taps, k0 + taps_per_chunk), width = (k1 - k0) * cpg;
+            const FillChunk chunk{k0, k1, grp * cpg, (grp + 1) * cpg, grp * k_group + k0 * cpg, width};
+            DCN_ISA_CALL(isa, fill_range, (tile, plan, chunk, a.data(), 0, tile.cols()));
+            const float* b_chunk = b_data + (grp * k_group + k0 * cpg) * out_pg;
+            for (int64_t o0 = 0; o0 < out_pg; o0 += kFusedOutColumns) {
+              const int64_t o1 = std::min(out_pg, o0 + kFusedOutColumns);
+              for (int64_t m0 = 0; m0 < rows_m; m0 += kFusedRows) {
+                at::native::cpublas::brgemm(kFusedRows, o1 - o0, width, width, out_pg, n_out, /*add_C=*/k0 > 0,
+                                            a.data() + m0 * width, b_chunk + o0,
+                                            c.data() + m0 * n_out + grp * out_pg + o0, /*is_vnni=*/false);
+              }
+            }
+          }
+        }
+        // output[n, o, p0 + i] = c[i, o] + bias[o]
+        transpose_f32(c.data(), n_out, tile.cols(), n_out, out_data + n * n_out * pixels + p0, pixels, false,
+                      bias_data);
+      }
+    });
+    return output;
   }
 
   void backprop_columns(const at::Tensor& grad_columns, ConvGrads& grads) override {
@@ -300,10 +402,23 @@ class CpuColumns final : public ColumnKernels {
  private:
   DCN_INLINE int64_t plan_rows() const { return g_.deform_groups * g_.taps(); }
   DCN_INLINE int64_t down() const { return pad_width_ * g_.in_channels; }  // elements between padded rows
-  // The padded channels-last image that column q samples.
+  // The padded channels-last image that column q of the tile samples.
+  template <typename T>
+  DCN_INLINE T* image(T* padded, const ColumnTile& tile, int64_t q) const {
+    return padded + (tile.n0 + q / tile.width()) * pad_plane_ * g_.in_channels;
+  }
   template <typename T>
   DCN_INLINE T* image(T* padded, int64_t q) const {
-    return padded + (tile_.n0 + q / tile_.width()) * pad_plane_ * g_.in_channels;
+    return image(padded, tile_, q);
+  }
+
+  // Output pixels per task of the fused forward: kFusedBlockPixels, or fewer (whole kFusedRows) where
+  // that would leave a thread with fewer than two tasks. (The block size changes no result.)
+  int64_t fused_block_pixels() const {
+    const int64_t tasks_wanted = 2 * at::get_num_threads();
+    const int64_t per_task = (g_.batch * g_.pixels() + tasks_wanted - 1) / tasks_wanted;
+    const int64_t rounded = (per_task + kFusedRows - 1) / kFusedRows * kFusedRows;
+    return std::max(kFusedRows, std::min(kFusedBlockPixels, rounded));
   }
 
   // Calls fn(c0, c1, position) for the channels [c0, c1) of the row's deform group within [lo, hi)
@@ -320,45 +435,93 @@ class CpuColumns final : public ColumnKernels {
     }
   }
 
-  DCN_INLINE void fill_range_body(scalar_t* out, int64_t q0, int64_t q1) const {
-    const int64_t rows = plan_rows(), row_len = g_.in_channels * g_.taps();
+  // Columns [q0, q1) of the tile, restricted to a chunk (see FillChunk).
+  DCN_INLINE void fill_range_body(const ColumnTile& tile, const Plan<acc_t>& plan, const FillChunk& chunk,
+                                  scalar_t* out, int64_t q0, int64_t q1) const {
+    const int64_t taps = g_.taps(), cpdg = g_.in_per_deform_group();
     for (int64_t q = q0; q < q1; ++q) {
-      const scalar_t* x = image(padded_.const_data_ptr<scalar_t>(), q);
-      for (int64_t row = 0; row < rows; ++row) {
-        const int64_t e = q * rows + row;
-        acc_t w[4];
-        plan_.modulated_weights(e, w);
-        const scalar_t* corner = x + int64_t(plan_.base[e]) * g_.in_channels;
-        for_each_channel_run(row, 0, g_.in_channels, [&](int64_t c0, int64_t c1, int64_t position) DCN_LAMBDA_INLINE {
-          sample_channels<scalar_t, acc_t>(corner + c0, c1 - c0, g_.in_channels, down(), w,
-                                           out + q * row_len + position);
-        });
+      const scalar_t* x = image(padded_.const_data_ptr<scalar_t>(), tile, q);
+      for (int64_t dg = 0; dg < g_.deform_groups; ++dg) {
+        if ((dg + 1) * cpdg <= chunk.c_lo || dg * cpdg >= chunk.c_hi) continue;
+        for (int64_t k = chunk.k0; k < chunk.k1; ++k) {
+          const int64_t row = dg * taps + k, e = plan.entry(q, row);
+          acc_t w[4];
+          plan.modulated_weights(e, w);
+          const scalar_t* corner = x + int64_t(plan.base[e]) * g_.in_channels;
+          for_each_channel_run(row, chunk.c_lo, chunk.c_hi,
+                               [&](int64_t c0, int64_t c1, int64_t position) DCN_LAMBDA_INLINE {
+                                 sample_channels<scalar_t, acc_t>(corner + c0, c1 - c0, g_.in_channels, down(), w,
+                                                                  out + q * chunk.ld + position - chunk.base);
+                               });
+        }
       }
     }
   }
-  DCN_ISA_VARIANTS(fill_range, (scalar_t * out, int64_t q0, int64_t q1) const, (out, q0, q1))
+  DCN_ISA_VARIANTS(fill_range,
+                   (const ColumnTile& tile, const Plan<acc_t>& plan, const FillChunk& chunk, scalar_t* out, int64_t q0,
+                    int64_t q1) const,
+                   (tile, plan, chunk, out, q0, q1))
 
   void build_plan() {
-    const int64_t taps = g_.taps(), pixels = g_.pixels(), width = tile_.width(), rows = plan_rows();
-    plan_.resize(rows * tile_.cols(), !fold_mask_);
-    at::parallel_for(0, tile_.cols(), grain_for(rows), [&](int64_t q0, int64_t q1) {
-      for (int64_t q = q0; q < q1; ++q) {
-        const int64_t n = tile_.n0 + q / width, p = tile_.p0 + q % width, py = p / g_.out_w, px = p % g_.out_w;
-        for (int64_t row = 0; row < rows; ++row) {
-          const int64_t k = row % taps, e = q * rows + row;
-          const scalar_t* off = offset_ + (n * 2 * rows + 2 * row) * pixels + p;
-          const acc_t y = conv_base_y<acc_t>(g_.sampling, py, k / g_.kernel_w) + static_cast<acc_t>(off[0]);
-          const acc_t x = conv_base_x<acc_t>(g_.sampling, px, k % g_.kernel_w) + static_cast<acc_t>(off[pixels]);
-          acc_t w[4];
-          plan_.base[e] = zero_border_padded<acc_t, int32_t>(y, x, static_cast<int32_t>(g_.height),
-                                                             static_cast<int32_t>(g_.width), w);
-          const acc_t m = mask_ ? static_cast<acc_t>(mask_[(n * rows + row) * pixels + p]) : acc_t(1);
-          if (!fold_mask_) plan_.mask[e] = m;
-          for (int j = 0; j < 4; ++j) plan_.w[j][e] = fold_mask_ ? w[j] * m : w[j];
-        }
-      }
-    });
+    plan_.resize(plan_rows(), tile_.cols(), !fold_mask_);
+    at::parallel_for(0, tile_.cols(), grain_for(plan_rows()),
+                     [&](int64_t q0, int64_t q1) { plan_range(tile_, plan_, q0, q1); });
   }
+
+  // The plan entries of the tile's columns [q0, q1): per image and plan row, a run of consecutive
+  // output pixels.
+  void plan_range(const ColumnTile& tile, Plan<acc_t>& plan, int64_t q0, int64_t q1) const {
+    const int64_t width = tile.width();
+    const CpuIsa isa = loop_isa(kPlanIsa);
+    for (int64_t q = q0; q < q1;) {
+      const int64_t b = q / width, end = std::min(q1, (b + 1) * width);
+      for (int64_t row = 0; row < plan_rows(); ++row) {
+        DCN_ISA_CALL(isa, plan_run, (plan, tile.n0 + b, row, tile.p0 + q % width, end - q, plan.entry(q, row)));
+      }
+      q = end;
+    }
+  }
+
+  // Plan row `row` of image n for the `len` output pixels from p, into entries [e, e + len): the
+  // arithmetic of zero_border_padded written without branches (an out-of-range sample selects base 0
+  // and zero weights; floor() sees 0 in its place, so no NaN or infinity reaches the conversion), so
+  // that the compiler vectorises it over the pixels. The same operations in the same order: the
+  // same plan bit for bit.
+  DCN_INLINE void plan_run_body(Plan<acc_t>& plan, int64_t n, int64_t row, int64_t p, int64_t len, int64_t e) const {
+    const int64_t rows = plan_rows(), pixels = g_.pixels(), k = row % g_.taps();
+    const int32_t dy = static_cast<int32_t>(k / g_.kernel_w * g_.sampling.dil_h);
+    const int32_t dx = static_cast<int32_t>(k % g_.kernel_w * g_.sampling.dil_w);
+    const scalar_t* __restrict__ off_y = offset_ + (n * 2 * rows + 2 * row) * pixels + p;
+    const scalar_t* __restrict__ off_x = off_y + pixels;
+    const scalar_t* __restrict__ mask = mask_ ? mask_ + (n * rows + row) * pixels + p : nullptr;
+    const int32_t* __restrict__ y0 = base_y_.data() + p;
+    const int32_t* __restrict__ x0 = base_x_.data() + p;
+    int32_t* __restrict__ base = plan.base.data() + e;
+    acc_t* __restrict__ w0 = plan.w[0].data() + e;
+    acc_t* __restrict__ w1 = plan.w[1].data() + e;
+    acc_t* __restrict__ w2 = plan.w[2].data() + e;
+    acc_t* __restrict__ w3 = plan.w[3].data() + e;
+    acc_t* __restrict__ kept = fold_mask_ ? nullptr : plan.mask.data() + e;
+    const acc_t height = static_cast<acc_t>(g_.height), width = static_cast<acc_t>(g_.width);
+    const int32_t pad_width = static_cast<int32_t>(pad_width_);
+    for (int64_t i = 0; i < len; ++i) {
+      const acc_t y = static_cast<acc_t>(y0[i] + dy) + static_cast<acc_t>(off_y[i]);
+      const acc_t x = static_cast<acc_t>(x0[i] + dx) + static_cast<acc_t>(off_x[i]);
+      const bool in = y > acc_t(-1) && x > acc_t(-1) && y < height && x < width;  // zero_border_in_range
+      const acc_t fy = dcn_floor(in ? y : acc_t(0)), fx = dcn_floor(in ? x : acc_t(0));
+      const acc_t ly = y - fy, lx = x - fx, hy = acc_t(1) - ly, hx = acc_t(1) - lx;  // bilinear_weights
+      const acc_t m = mask ? static_cast<acc_t>(mask[i]) : acc_t(1);
+      const acc_t scale = fold_mask_ ? m : acc_t(1);  // (x * 1 is x exactly)
+      base[i] = in ? (static_cast<int32_t>(fy) + kPadTop) * pad_width + static_cast<int32_t>(fx) + kPadLeft : 0;
+      w0[i] = in ? hy * hx * scale : acc_t(0);
+      w1[i] = in ? hy * lx * scale : acc_t(0);
+      w2[i] = in ? ly * hx * scale : acc_t(0);
+      w3[i] = in ? ly * lx * scale : acc_t(0);
+      if (kept) kept[i] = m;
+    }
+  }
+  DCN_ISA_VARIANTS(plan_run, (Plan<acc_t> & plan, int64_t n, int64_t row, int64_t p, int64_t len, int64_t e) const,
+                   (plan, n, row, p, len, e))
 
   // Each task owns one block of channels of one image's padded gradient: no two threads write alike,
   // and every element receives its contributions in the same order whatever the thread count.
@@ -390,7 +553,7 @@ class CpuColumns final : public ColumnKernels {
       for (int64_t q = b * width; q < (b + 1) * width; ++q) {
         acc_t* gx = image(padded_grad, q);
         for (int64_t row = 0; row < rows; ++row) {
-          const int64_t e = q * rows + row;
+          const int64_t e = plan_.entry(q, row);
           if (plan_.base[e] == 0) continue;  // outside the map: all four corners are padding
           acc_t w[4];
           plan_.modulated_weights(e, w);
@@ -423,7 +586,7 @@ class CpuColumns final : public ColumnKernels {
         const int64_t n = tile_.n0 + q / width, p = tile_.p0 + q % width;
         const scalar_t* x = image(padded_.const_data_ptr<scalar_t>(), q);
         for (int64_t row = 0; row < rows; ++row) {
-          const int64_t e = q * rows + row;
+          const int64_t e = plan_.entry(q, row);
           // dots[j]: the column gradient against corner j's values, over the group's channels.
           // Outside the map (base 0) they stay 0: no gradient, not even NaN * 0.
           acc_t dots[4] = {}, w[4];
@@ -462,6 +625,7 @@ class CpuColumns final : public ColumnKernels {
   const scalar_t* offset_;
   const scalar_t* mask_;
   const bool fold_mask_;
+  std::vector<int32_t> base_y_, base_x_;  // per output pixel: y and x of its kernel point (0, 0)
   ColumnTile tile_{};
   at::Tensor padded_, padded_grad_;  // channels last: (N, H + 3, W + 2, C)
   Plan<acc_t> plan_;
@@ -475,6 +639,13 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& offset, const 
   at::Tensor output;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, op.input.scalar_type(), "modulated_deform_conv2d_cpu", [&] {
     CpuColumns<scalar_t> kernels(op.g, op.input, op.offset, op.mask, /*fold_mask=*/true);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (cpu_fused_forward(op.input.scalar_type()) && op.g.batch > 0 && op.g.out_channels > 0 &&
+          op.g.in_channels > 0) {
+        output = kernels.forward_fused(op.weight, op.bias);
+        return;
+      }
+    }
     output = deform_conv_forward(op, kernels);
   });
   return output;

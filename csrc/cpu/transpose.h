@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace mmdet_dcnv2 {
 
@@ -37,6 +38,14 @@ inline void transpose_block(const in_t* in, int64_t in_i, out_t* out, int64_t ou
   }
 }
 
+// float32: out_row(j)[i] (+)= in[i * ld_in + j] (+ add[j] where add is given) for i < rows, j < cols,
+// where out_row(j) = out + ((j % taps) * (cols / taps) + j / taps) * ld_out -- a plain transpose for
+// taps = 1; for taps > 1 a (c, k) -> (k, c) reordering of the output rows as well (the weight into
+// the columns' order). AVX2 register transposes where the CPU has them (transpose_f32.cpp); one
+// thread. The same sums in any build: one addition per element, no FMA.
+void transpose_f32(const float* in, int64_t ld_in, int64_t rows, int64_t cols, float* out, int64_t ld_out,
+                   bool accumulate = false, const float* add = nullptr, int64_t taps = 1);
+
 // Where a batch of transposes lies: `count` of them, `in`/`out` elements apart.
 struct TransposeBatch {
   int64_t count, in, out;
@@ -56,8 +65,13 @@ void transpose_batched(const in_t* in, int64_t in_i, out_t* out, int64_t out_j, 
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bo = t / per_batch, bi = (t % per_batch) / row_blocks, r0 = (t % row_blocks) * kRowsPerTask;
       const int64_t r1 = std::min(rows, r0 + kRowsPerTask);
-      transpose_block<kAccumulate>(in + bo * outer.in + bi * inner.in + r0 * in_i, in_i,
-                                   out + bo * outer.out + bi * inner.out + r0, out_j, r1 - r0, cols);
+      const in_t* src = in + bo * outer.in + bi * inner.in + r0 * in_i;
+      out_t* dst = out + bo * outer.out + bi * inner.out + r0;
+      if constexpr (std::is_same_v<in_t, float> && std::is_same_v<out_t, float>) {
+        transpose_f32(src, in_i, r1 - r0, cols, dst, out_j, kAccumulate);
+      } else {
+        transpose_block<kAccumulate>(src, in_i, dst, out_j, r1 - r0, cols);
+      }
     }
   });
 }
