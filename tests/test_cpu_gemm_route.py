@@ -233,7 +233,7 @@ def test_route_bitwise_repeatable_at_fixed_thread_count(route, threads, gen):
 
 def loops_isa():
     used = dict(part.split("=") for part in ISA().split())
-    return {loop: used[loop] for loop in ("fill", "fill_bf16", "scatter", "dots")}
+    return {loop: used[loop] for loop in ("fill", "plan", "scatter", "dots")}
 
 
 def test_isa_override_selects_the_build():

@@ -77,14 +77,15 @@ constexpr int kLanes = 8;
 
 // The widest ISA each loop runs where the CPU has it: a level is kept only where it beat the one
 // below (benchmarks/bench_cpu_isa.py, docs/performance.md; one thread, Sapphire Rapids Xeon). AVX2 +
-// FMA beats the baseline in all three loops (c3 float32: dot products 16 vs 26 ms, fill 12.5 vs
+// FMA beats the baseline in all the loops (c3 float32: dot products 16 vs 26 ms, fill 12.5 vs
 // 16.5, scatter 20 vs 23). AVX-512 beats AVX2 in the scatter (float32 5-9% at c3-c5, bfloat16 12%)
-// and in the bfloat16 fill (26%: the conversions), and measured no faster elsewhere (the loops wait
-// on memory), so there it is compiled and testable (MMDET_DCNV2_CPU_ISA) but not selected.
-template <typename scalar_t>
-constexpr CpuIsa kFillIsa = std::is_same_v<scalar_t, c10::BFloat16> ? CpuIsa::kAvx512 : CpuIsa::kAvx2;
+// and in the fill: bfloat16 by 26% (the conversions), float32 by 2-4% of the fused forward at c3-c4
+// (where the fill writes into the core's cache; ~12% fewer samples of the fill itself in `perf`).
+// The sampling plan (perf: fewer samples in AVX2) and the dot products (no faster: they wait on
+// memory) stay at AVX2; their AVX-512 builds are compiled and testable (MMDET_DCNV2_CPU_ISA).
+constexpr CpuIsa kFillIsa = CpuIsa::kAvx512;
 constexpr CpuIsa kScatterIsa = CpuIsa::kAvx512;
-constexpr CpuIsa kPlanIsa = CpuIsa::kAvx512;
+constexpr CpuIsa kPlanIsa = CpuIsa::kAvx2;
 constexpr CpuIsa kDotsIsa = CpuIsa::kAvx2;
 
 // The level a loop runs: MMDET_DCNV2_CPU_ISA's where set (any build, for tests and measurements),
@@ -306,7 +307,7 @@ class CpuColumns final : public ColumnKernels {
   // columns[q * C_in * taps + position of (channel, kernel point)] = modulated sample (kPixelMajor).
   void fill_columns(const at::Tensor& columns) override {
     scalar_t* out = columns.data_ptr<scalar_t>();
-    const CpuIsa isa = loop_isa(kFillIsa<scalar_t>);
+    const CpuIsa isa = loop_isa(kFillIsa);
     const FillChunk whole{0, g_.taps(), 0, g_.in_channels, 0, g_.in_channels * g_.taps()};
     at::parallel_for(0, tile_.cols(), grain_for(g_.in_channels * g_.taps()), [&](int64_t q0, int64_t q1) {
       DCN_ISA_CALL(isa, fill_range, (tile_, plan_, whole, out, q0, q1));
@@ -348,7 +349,7 @@ class CpuColumns final : public ColumnKernels {
     const int64_t chunks =
         std::max<int64_t>(1, std::min(taps, (k_group + kFusedChunkColumns - 1) / kFusedChunkColumns));
     const int64_t taps_per_chunk = (taps + chunks - 1) / chunks;
-    const CpuIsa isa = loop_isa(kFillIsa<scalar_t>);
+    const CpuIsa isa = loop_isa(kFillIsa);
     float* out_data = output.data_ptr<float>();
 
     at::parallel_for(0, g_.batch * blocks, 1, [&](int64_t t0, int64_t t1) {
@@ -668,11 +669,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   return grads;
 }
 
-// "fill=avx2 fill_bf16=avx512 scatter=avx512 dots=avx2 cpu=avx512": the ISA each sampling loop runs
+// "fill=avx512 plan=avx2 scatter=avx512 dots=avx2 cpu=avx512": the ISA each sampling loop runs
 // now (see loop_isa), and the widest the CPU supports.
 std::string cpu_isa_op() {
-  return std::string("fill=") + cpu_isa_name(loop_isa(kFillIsa<float>)) +
-         " fill_bf16=" + cpu_isa_name(loop_isa(kFillIsa<c10::BFloat16>)) +
+  return std::string("fill=") + cpu_isa_name(loop_isa(kFillIsa)) + " plan=" + cpu_isa_name(loop_isa(kPlanIsa)) +
          " scatter=" + cpu_isa_name(loop_isa(kScatterIsa)) + " dots=" + cpu_isa_name(loop_isa(kDotsIsa)) +
          " cpu=" + cpu_isa_name(cpu_isa_supported());
 }

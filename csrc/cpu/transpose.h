@@ -39,10 +39,10 @@ inline void transpose_block(const in_t* in, int64_t in_i, out_t* out, int64_t ou
 }
 
 // float32: out_row(j)[i] (+)= in[i * ld_in + j] (+ add[j] where add is given) for i < rows, j < cols,
-// where out_row(j) = out + ((j % taps) * (cols / taps) + j / taps) * ld_out -- a plain transpose for
-// taps = 1; for taps > 1 a (c, k) -> (k, c) reordering of the output rows as well (the weight into
-// the columns' order). AVX2 register transposes where the CPU has them (transpose_f32.cpp); one
-// thread. The same sums in any build: one addition per element, no FMA.
+// where out_row(j) = out + ((j % taps) * (cols / taps) + j / taps) * ld_out: a plain transpose for
+// taps = 1, and for taps > 1 a (c, k) -> (k, c) reordering of the output rows as well (the weight into
+// the columns' order in one pass). AVX2 register transposes where the CPU has them
+// (transpose_f32.cpp); one thread. The same sums in any build: one addition per element, no FMA.
 void transpose_f32(const float* in, int64_t ld_in, int64_t rows, int64_t cols, float* out, int64_t ld_out,
                    bool accumulate = false, const float* add = nullptr, int64_t taps = 1);
 
