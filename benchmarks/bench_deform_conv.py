@@ -14,6 +14,9 @@ cannot go below at that shape --
                       onednn route runs them (MMDET_DCNV2_CPU_GEMM in docs/performance.md);
   floor: F.unfold     regular-grid im2col of the input (forward) and its adjoint F.fold (backward):
                       the sampling's floor, with no offsets to follow.
+With --tiled, the column "ours tiled" runs our op's forward on the tiled route its backward takes
+(MMDET_DCNV2_CPU_GEMM=mm or onednn instead of the fused brgemm forward), for a side-by-side look at
+what the fused forward changes.
 The header says which machine, libraries, thread count and GEMM route the numbers are from.
 (No mmcv here: a GPU machine may not have it; bench_faster_rcnn.py compares against mmcv.)
 
@@ -23,6 +26,7 @@ The header says which machine, libraries, thread count and GEMM route the number
 """
 
 import argparse
+import os
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +38,24 @@ from mmdet_dcnv2.ops import modulated_deform_conv2d
 SHAPES = {"c3": (128, 100, 152), "c4": (256, 50, 76), "c5": (512, 25, 38)}
 
 
-def contenders(only_ours):
+def tiled_forward(x, *args):
+    """Our op with the forward on the tiled route the backward takes (float32: mm or onednn)."""
+    route = torch.ops.mmdet_dcnv2._cpu_gemm_route(x.dtype).split(", backward ")[1]
+    old = os.environ.get("MMDET_DCNV2_CPU_GEMM")
+    os.environ["MMDET_DCNV2_CPU_GEMM"] = route
+    try:
+        return modulated_deform_conv2d(x, *args)
+    finally:
+        if old is None:
+            del os.environ["MMDET_DCNV2_CPU_GEMM"]
+        else:
+            os.environ["MMDET_DCNV2_CPU_GEMM"] = old
+
+
+def contenders(only_ours, tiled=False):
     found = {"ours": modulated_deform_conv2d}
+    if tiled:
+        found["ours tiled"] = tiled_forward
     if only_ours:
         return found
     try:
@@ -157,6 +177,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="batch 1 float32 rows only")
     parser.add_argument("--only-ours", action="store_true", help="no torchvision columns (faster)")
     parser.add_argument("--no-floors", action="store_true", help="no floor rows (CPU)")
+    parser.add_argument("--tiled", action="store_true", help="also our op with the tiled forward (CPU)")
     parser.add_argument(
         "--rows",
         nargs="*",
@@ -171,7 +192,7 @@ def main():
             f"GPU: {torch.cuda.get_device_name()}; TF32: matmul={torch.backends.cuda.matmul.allow_tf32}, "
             f"cudnn={torch.backends.cudnn.allow_tf32}"
         )
-    funcs = contenders(args.only_ours)
+    funcs = contenders(args.only_ours, tiled=args.tiled and args.device == "cpu")
     floors = args.device == "cpu" and not args.no_floors
     rows = [(name, 1, 1, torch.float32) for name in SHAPES]
     if args.rows:
