@@ -5,6 +5,10 @@ blocked transposes). Measured with torch.profiler (which adds a little overhead 
 fastest of --repeat steps per part, our op's and the dense conv's steps taking turns.
 
     python benchmarks/profile_deform_conv.py --threads 1 --shapes c3 c4 c5
+
+The float32 forward is fused by default (its GEMM runs inside our op, so the profiler books it as
+ours): its split by part is perf_forward_split.py's; with MMDET_DCNV2_CPU_GEMM=mm (or onednn) this
+script splits the tiled forward instead. The backward is always tiled.
 """
 
 import argparse
