@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -180,11 +181,31 @@ std::string cpu_gemm_choice() {
 
 }  // namespace
 
+namespace {
+
+// Whether oneDNN's JIT may use AVX2: ONEDNN_MAX_CPU_ISA (or its older name DNNL_MAX_CPU_ISA) can cap
+// it below, and then ATen's brgemm runs its BLAS fallback instead of the microkernel.
+bool onednn_allows_avx2() {
+  for (const char* name : {"ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"}) {
+    const char* env = std::getenv(name);
+    if (env == nullptr || *env == '\0') continue;
+    std::string v = env;
+    for (char& ch : v) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+    if (v == "SSE41" || v == "AVX") return false;
+  }
+  return true;
+}
+
+}  // namespace
+
 bool cpu_fused_forward(at::ScalarType dtype) {
   const std::string choice = cpu_gemm_choice();
-  // The microkernel is oneDNN's (through ATen's cpublas::brgemm, which falls back to its BLAS gemm
-  // where oneDNN is off): float32 only; mm/onednn ask for the tiled forward on that route.
-  return dtype == at::kFloat && (choice == "auto" || choice == "brgemm");
+  // The microkernel is oneDNN's, through ATen's cpublas::brgemm: float32, torch built with oneDNN and
+  // the user not having switched it off (torch.backends.mkldnn.enabled), and a CPU (and cap) that
+  // gives its JIT AVX2 at least -- elsewhere ATen would fall back to one BLAS call per block. mm and
+  // onednn ask for the tiled forward on that route.
+  return dtype == at::kFloat && (choice == "auto" || choice == "brgemm") && AT_MKLDNN_ENABLED() &&
+         at::globalContext().userEnabledMkldnn() && cpu_isa_supported() != CpuIsa::kBaseline && onednn_allows_avx2();
 }
 
 CpuGemm cpu_gemm_route(at::ScalarType dtype, ColumnLayout layout) {

@@ -267,27 +267,53 @@ def test_every_isa_matches_reference_and_repeats(dtype, gen):
 
 # ---- the fused forward (oneDNN's brgemm microkernel per block of output pixels) ----
 
+
+def fused_case(
+    gen,
+    n=2,
+    c=16,
+    cout=None,
+    size=12,
+    kernel=(3, 3),
+    stride=1,
+    padding=1,
+    dilation=1,
+    groups=1,
+    deform_groups=1,
+    bias=True,
+):
+    """float32 inputs for one call: offsets of a few pixels (samples overlap and reach past the border)."""
+    cout = c if cout is None else cout
+    x = torch.randn(n, c, size, size, generator=gen)
+    weight = 0.1 * torch.randn(cout, c // groups, *kernel, generator=gen)
+    span = [dilation * (k - 1) + 1 for k in kernel]
+    out = [(size + 2 * padding - s) // stride + 1 for s in span]
+    taps = kernel[0] * kernel[1]
+    offset = 3 * torch.randn(n, 2 * deform_groups * taps, *out, generator=gen)
+    mask = torch.rand(n, deform_groups * taps, *out, generator=gen)
+    b = torch.randn(cout, generator=gen) if bias else None
+    return [x, offset, mask, weight, b], (stride, padding, dilation, groups, deform_groups)
+
+
 FUSED_CASES = [
     # pixels not a multiple of the 64-row blocks, channels not a multiple of 8
     pytest.param(dict(n=2, c=12, size=13), id="tails"),
     pytest.param(dict(n=3, c=16, size=12, groups=2, deform_groups=4, bias=False), id="groups2_dg4_nobias"),
-    # 80 * 9 = 720 values per pixel: chunks of kernel points; 300 outputs: two blocks of 256 outputs
+    pytest.param(dict(n=2, c=12, size=11, groups=2, deform_groups=3), id="groups_across_deform_groups"),
+    # 80 * 9 = 720 values per pixel: two chunks of kernel points; 300 outputs: two blocks of 256
     pytest.param(dict(n=1, c=80, cout=300, size=19), id="chunks_outblocks"),
+    # per group: 80 channels (two chunks) and 300 outputs (two blocks), for both groups
+    pytest.param(dict(n=1, c=160, cout=600, size=9, groups=2), id="groups2_chunks_outblocks"),
+    # 600 channels per kernel point: each point's channels in two pieces
+    pytest.param(dict(n=2, c=600, cout=40, size=7, kernel=(1, 1), padding=0), id="1x1_channel_pieces"),
+    pytest.param(dict(n=1, c=24, size=17, kernel=(5, 5), stride=2, padding=0, dilation=2), id="5x5_stride2_dil2"),
+    pytest.param(dict(n=2, c=8, size=10, kernel=(3, 2), padding=0, deform_groups=2), id="3x2_kernel"),
     pytest.param(dict(n=2, c=64, size=5, deform_groups=4), id="tiny_map"),
 ]
 
 
-def fused_case(gen, c=16, cout=None, **kwargs):
-    tensors, _, params = make_case(gen, c=c, **kwargs)
-    if cout is not None:  # a weight (and bias) with other output channels than input channels
-        x, offset, mask, _, b = tensors
-        weight = 0.1 * torch.randn(cout, c // params["groups"], 3, 3, generator=gen)
-        tensors = [x, offset, mask, weight, torch.randn(cout, generator=gen) if b is not None else None]
-    return tensors, params
-
-
 def forward_with(fn, tensors, params):
-    return fn(*tensors, 1, 1, 1, params["groups"], params["deform_groups"])
+    return fn(*tensors, *params)
 
 
 def forward(tensors, params):
@@ -298,6 +324,7 @@ def forward(tensors, params):
 def test_fused_forward_matches_reference_and_tiled_route(kwargs, gen):
     tensors, params = fused_case(gen, **kwargs)
     with env("MMDET_DCNV2_CPU_GEMM", "brgemm"):
+        assert FORWARD(torch.float32) == "brgemm"
         fused = forward(tensors, params)
     with env("MMDET_DCNV2_CPU_GEMM", "mm"):
         tiled = forward(tensors, params)
@@ -306,7 +333,7 @@ def test_fused_forward_matches_reference_and_tiled_route(kwargs, gen):
     torch.testing.assert_close(fused, tiled, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kwargs", FUSED_CASES[:3])
+@pytest.mark.parametrize("kwargs", FUSED_CASES[:4])
 def test_fused_forward_is_bitwise_the_same_at_any_thread_count(kwargs, gen):
     """Every output element comes from one task with the same kernel shapes, whatever the number of
     threads (which changes the pixels per task): the same bits on 1, 2 and 3 threads, run to run."""
@@ -320,13 +347,46 @@ def test_fused_forward_is_bitwise_the_same_at_any_thread_count(kwargs, gen):
         assert torch.equal(again, runs[0]), f"{threads} threads"
 
 
-def test_fused_forward_with_onednn_switched_off(gen):
-    """With torch.backends.mkldnn off, ATen's brgemm runs its BLAS fallback: same results."""
+def test_fused_forward_passes_a_non_finite_mask_through(gen):
+    """A sample outside the map contributes 0 * mask: NaN for a NaN or infinite mask, as in the
+    reference (mmcv, torchvision and the CUDA kernel agree); elsewhere the result is unchanged."""
+    tensors, params = fused_case(gen, n=1, c=8, size=9)
+    x, offset, mask, weight, b = tensors
+    offset, mask = offset.clone(), mask.clone()
+    offset[0, 0, 4, 4] = 1e30  # kernel point 0 of pixel (4, 4) lands far outside the map
+    mask[0, 0, 4, 4] = float("nan")
+    mask[0, 0, 2, 2] = float("inf")  # in the map: an infinite sample weight
+    tensors = [x, offset, mask, weight, b]
+    want = forward_with(modulated_deform_conv2d_ref, [t.double() for t in tensors], params)
+    with env("MMDET_DCNV2_CPU_GEMM", "brgemm"):
+        got = forward(tensors, params)
+    assert torch.isnan(got[0, :, 4, 4]).all() and torch.isnan(want[0, :, 4, 4]).all()
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), finite)
+    torch.testing.assert_close(got.double()[finite], want[finite], rtol=1e-4, atol=1e-4)
+
+
+def test_fused_forward_empty_batch_and_channels(gen):
+    tensors, params = fused_case(gen, n=2, c=8, size=6)
+    x, offset, mask, weight, b = tensors
+    with env("MMDET_DCNV2_CPU_GEMM", "brgemm"):
+        empty = forward([x[:0], offset[:0], mask[:0], weight, b], params)
+        assert empty.shape == (0, 8, 6, 6)
+        no_inputs = forward([x[:, :0], offset, mask, weight[:, :0], b], params)
+    torch.testing.assert_close(no_inputs, b.view(1, -1, 1, 1).expand(2, -1, 6, 6))
+
+
+def test_fused_forward_only_where_onednn_is_on(gen):
+    """With torch.backends.mkldnn off the forward takes the tiled mm route (ATen's brgemm would fall
+    back to one BLAS call per block): the same results within float tolerance."""
     tensors, params = fused_case(gen, n=2, c=12, size=13)
     with env("MMDET_DCNV2_CPU_GEMM", "brgemm"):
         want = forward(tensors, params)
         with torch.backends.mkldnn.flags(enabled=False):
+            assert ROUTES(torch.float32) == "forward mm, backward mm"
             got = forward(tensors, params)
+        with env("ONEDNN_MAX_CPU_ISA", "SSE41"):
+            assert FORWARD(torch.float32) != "brgemm"
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

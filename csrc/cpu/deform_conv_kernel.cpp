@@ -39,7 +39,7 @@
 #define DCN_INLINE __attribute__((always_inline)) inline
 #define DCN_LAMBDA_INLINE __attribute__((always_inline))
 #define DCN_TARGET_AVX2 __attribute__((target("avx2,fma,bmi2,f16c")))
-#define DCN_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi2")))
+#define DCN_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi2,f16c")))
 #else
 #define DCN_MULTI_ISA 0
 #define DCN_INLINE inline
@@ -80,10 +80,13 @@ constexpr int kLanes = 8;
 // FMA beats the baseline in all the loops (c3 float32: dot products 16 vs 26 ms, fill 12.5 vs
 // 16.5, scatter 20 vs 23). AVX-512 beats AVX2 in the scatter (float32 5-9% at c3-c5, bfloat16 12%)
 // and in the fill: bfloat16 by 26% (the conversions), float32 by 2-4% of the fused forward at c3-c4
-// (where the fill writes into the core's cache; ~12% fewer samples of the fill itself in `perf`).
+// (where the fill writes into the core's cache; ~12% fewer samples of the fill itself in `perf`);
+// float16 and float64 fills, not measured, stay at AVX2.
 // The sampling plan (perf: fewer samples in AVX2) and the dot products (no faster: they wait on
 // memory) stay at AVX2; their AVX-512 builds are compiled and testable (MMDET_DCNV2_CPU_ISA).
-constexpr CpuIsa kFillIsa = CpuIsa::kAvx512;
+template <typename scalar_t>
+constexpr CpuIsa kFillIsa =
+    std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16> ? CpuIsa::kAvx512 : CpuIsa::kAvx2;
 constexpr CpuIsa kScatterIsa = CpuIsa::kAvx512;
 constexpr CpuIsa kPlanIsa = CpuIsa::kAvx2;
 constexpr CpuIsa kDotsIsa = CpuIsa::kAvx2;
@@ -307,7 +310,7 @@ class CpuColumns final : public ColumnKernels {
   // columns[q * C_in * taps + position of (channel, kernel point)] = modulated sample (kPixelMajor).
   void fill_columns(const at::Tensor& columns) override {
     scalar_t* out = columns.data_ptr<scalar_t>();
-    const CpuIsa isa = loop_isa(kFillIsa);
+    const CpuIsa isa = loop_isa(kFillIsa<scalar_t>);
     const FillChunk whole{0, g_.taps(), 0, g_.in_channels, 0, g_.in_channels * g_.taps()};
     at::parallel_for(0, tile_.cols(), grain_for(g_.in_channels * g_.taps()), [&](int64_t q0, int64_t q1) {
       DCN_ISA_CALL(isa, fill_range, (tile_, plan_, whole, out, q0, q1));
@@ -345,18 +348,17 @@ class CpuColumns final : public ColumnKernels {
     const float* bias_data = bias.has_value() ? bias->const_data_ptr<float>() : nullptr;
     const int64_t block = fused_block_pixels();
     const int64_t blocks = (pixels + block - 1) / block;
-    // Kernel points per chunk: about kFusedChunkColumns values per column, in equal chunks.
-    const int64_t chunks =
-        std::max<int64_t>(1, std::min(taps, (k_group + kFusedChunkColumns - 1) / kFusedChunkColumns));
-    const int64_t taps_per_chunk = (taps + chunks - 1) / chunks;
-    const CpuIsa isa = loop_isa(kFillIsa);
+    const std::vector<FusedChunk> chunks = fused_chunks();
+    int64_t widest = 0;
+    for (const FusedChunk& ch : chunks) widest = std::max(widest, ch.width());
+    const CpuIsa isa = loop_isa(kFillIsa<scalar_t>);
     float* out_data = output.data_ptr<float>();
 
     at::parallel_for(0, g_.batch * blocks, 1, [&](int64_t t0, int64_t t1) {
       Plan<acc_t> plan;
-      // Rows past a block's last pixel keep earlier (finite) values or zeros: their output rows are
-      // computed and dropped (a GEMM row depends on its own row of A only).
-      std::vector<float> a(block * taps_per_chunk * cpg), c(block * n_out);
+      // Rows past a block's last pixel keep an earlier block's values (or zeros): their output rows
+      // are computed and dropped (a GEMM row depends on its own row of A only).
+      std::vector<float> a(block * widest), c(block * n_out);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t n = t / blocks, p0 = (t % blocks) * block, p1 = std::min(pixels, p0 + block);
         const ColumnTile tile{n, 1, p0, p1};
@@ -364,15 +366,16 @@ class CpuColumns final : public ColumnKernels {
         plan.resize(plan_rows(), tile.cols(), /*with_mask=*/false);
         plan_range(tile, plan, 0, tile.cols());
         for (int64_t grp = 0; grp < g_.groups; ++grp) {
-          for (int64_t k0 = 0; k0 < taps; k0 += taps_per_chunk) {
-            const int64_t k1 = std::min(taps, k0 + taps_per_chunk), width = (k1 - k0) * cpg;
-            const FillChunk chunk{k0, k1, grp * cpg, (grp + 1) * cpg, grp * k_group + k0 * cpg, width};
+          for (size_t i = 0; i < chunks.size(); ++i) {
+            const FusedChunk& ch = chunks[i];
+            const int64_t width = ch.width(), first_row = ch.k0 * cpg + ch.c0;  // of B, within the group
+            const FillChunk chunk{ch.k0, ch.k1, grp * cpg + ch.c0, grp * cpg + ch.c1, grp * k_group + first_row, width};
             DCN_ISA_CALL(isa, fill_range, (tile, plan, chunk, a.data(), 0, tile.cols()));
-            const float* b_chunk = b_data + (grp * k_group + k0 * cpg) * out_pg;
+            const float* b_chunk = b_data + (grp * k_group + first_row) * out_pg;
             for (int64_t o0 = 0; o0 < out_pg; o0 += kFusedOutColumns) {
               const int64_t o1 = std::min(out_pg, o0 + kFusedOutColumns);
               for (int64_t m0 = 0; m0 < rows_m; m0 += kFusedRows) {
-                at::native::cpublas::brgemm(kFusedRows, o1 - o0, width, width, out_pg, n_out, /*add_C=*/k0 > 0,
+                at::native::cpublas::brgemm(kFusedRows, o1 - o0, width, width, out_pg, n_out, /*add_C=*/i > 0,
                                             a.data() + m0 * width, b_chunk + o0,
                                             c.data() + m0 * n_out + grp * out_pg + o0, /*is_vnni=*/false);
               }
@@ -411,6 +414,30 @@ class CpuColumns final : public ColumnKernels {
   template <typename T>
   DCN_INLINE T* image(T* padded, int64_t q) const {
     return image(padded, tile_, q);
+  }
+
+  // A conv group's column row in chunks of about kFusedChunkColumns values (at most that many where
+  // the row holds more): whole kernel points where a group has at most kFusedChunkColumns channels,
+  // in equal numbers; else each kernel point's channels in equal pieces. At most two widths per
+  // layer, fixed by its channels.
+  struct FusedChunk {
+    int64_t k0, k1, c0, c1;  // kernel points [k0, k1), the group's channels [c0, c1)
+    int64_t width() const { return (k1 - k0) * (c1 - c0); }
+  };
+  std::vector<FusedChunk> fused_chunks() const {
+    const int64_t taps = g_.taps(), cpg = g_.in_per_group();
+    std::vector<FusedChunk> chunks;
+    if (cpg <= kFusedChunkColumns) {
+      const int64_t count = (taps + kFusedChunkColumns / cpg - 1) / (kFusedChunkColumns / cpg);
+      const int64_t per = (taps + count - 1) / count;
+      for (int64_t k0 = 0; k0 < taps; k0 += per) chunks.push_back({k0, std::min(taps, k0 + per), 0, cpg});
+    } else {
+      const int64_t count = (cpg + kFusedChunkColumns - 1) / kFusedChunkColumns, per = (cpg + count - 1) / count;
+      for (int64_t k = 0; k < taps; ++k) {
+        for (int64_t c0 = 0; c0 < cpg; c0 += per) chunks.push_back({k, k + 1, c0, std::min(cpg, c0 + per)});
+      }
+    }
+    return chunks;
   }
 
   // Output pixels per task of the fused forward: kFusedBlockPixels, or fewer (whole kFusedRows) where
@@ -512,12 +539,15 @@ class CpuColumns final : public ColumnKernels {
       const acc_t fy = dcn_floor(in ? y : acc_t(0)), fx = dcn_floor(in ? x : acc_t(0));
       const acc_t ly = y - fy, lx = x - fx, hy = acc_t(1) - ly, hx = acc_t(1) - lx;  // bilinear_weights
       const acc_t m = mask ? static_cast<acc_t>(mask[i]) : acc_t(1);
-      const acc_t scale = fold_mask_ ? m : acc_t(1);  // (x * 1 is x exactly)
+      // Weights times the mask where it is folded in -- also outside the map, where the weight is 0
+      // and 0 * m keeps a non-finite mask's NaN, as mmcv, torchvision and the CUDA kernel do.
+      // (x * 1 is x exactly.)
+      const acc_t scale = fold_mask_ ? m : acc_t(1);
       base[i] = in ? (static_cast<int32_t>(fy) + kPadTop) * pad_width + static_cast<int32_t>(fx) + kPadLeft : 0;
-      w0[i] = in ? hy * hx * scale : acc_t(0);
-      w1[i] = in ? hy * lx * scale : acc_t(0);
-      w2[i] = in ? ly * hx * scale : acc_t(0);
-      w3[i] = in ? ly * lx * scale : acc_t(0);
+      w0[i] = (in ? hy * hx : acc_t(0)) * scale;
+      w1[i] = (in ? hy * lx : acc_t(0)) * scale;
+      w2[i] = (in ? ly * hx : acc_t(0)) * scale;
+      w3[i] = (in ? ly * lx : acc_t(0)) * scale;
       if (kept) kept[i] = m;
     }
   }
@@ -672,7 +702,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
 // "fill=avx512 plan=avx2 scatter=avx512 dots=avx2 cpu=avx512": the ISA each sampling loop runs
 // now (see loop_isa), and the widest the CPU supports.
 std::string cpu_isa_op() {
-  return std::string("fill=") + cpu_isa_name(loop_isa(kFillIsa)) + " plan=" + cpu_isa_name(loop_isa(kPlanIsa)) +
+  return std::string("fill=") + cpu_isa_name(loop_isa(kFillIsa<float>)) + " plan=" + cpu_isa_name(loop_isa(kPlanIsa)) +
          " scatter=" + cpu_isa_name(loop_isa(kScatterIsa)) + " dots=" + cpu_isa_name(loop_isa(kDotsIsa)) +
          " cpu=" + cpu_isa_name(cpu_isa_supported());
 }

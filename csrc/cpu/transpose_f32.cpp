@@ -2,8 +2,6 @@
 // 8 x 8 register transposes where the CPU has AVX2. The blocked scalar transpose reads one element
 // per cache line visited and cost ~1 ns an element: for c3's output, input and c5's weight that was
 // 2-5 ms per call, as much as the sampling plan and a third of the fill.
-#include <immintrin.h>
-
 #include <algorithm>
 
 #include "cpu_isa.h"
@@ -27,9 +25,9 @@ struct Transpose {
   void scalar(int64_t i0, int64_t i1, int64_t j0, int64_t j1) const {
     for (int64_t j = j0; j < j1; ++j) {
       float* o = out_row(j);
-      const float a = add ? add[j] : 0.0f;
       for (int64_t i = i0; i < i1; ++i) {
-        const float v = in[i * ld_in + j] + a;
+        // (Only where add is given: x + 0.0f would turn -0.0f into +0.0f, which the AVX2 blocks do not.)
+        const float v = add ? in[i * ld_in + j] + add[j] : in[i * ld_in + j];
         o[i] = accumulate ? o[i] + v : v;
       }
     }
@@ -45,6 +43,8 @@ void transpose_baseline(const Transpose& t) {
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
 // A block of 8 x 8: rows i0.. of `in`, columns j0.. .
 // out_rows: the output rows of columns j0..j0 + 7.
 __attribute__((target("avx2,fma"), always_inline)) inline void transpose_8x8_avx2(const Transpose& t, int64_t i0,
