@@ -6,7 +6,8 @@
 #   1. the extension, CPU-only, with the sanitizers (scripts/build_extension.py --sanitize) into
 #      build/sanitize/, next to a copy of the Python package, build/sanitize/pkg/mmdet_dcnv2;
 #   2. the host-run library with the sanitizers (tests/hostcuda.py, MMDET_DCNV2_SANITIZE=1);
-#   3. pytest on the op tests with the ASan runtime preloaded (Python itself is not instrumented).
+#   3. pytest on the op tests (and the CPU routes' tests: the fused forward's tails) with the ASan
+#      runtime preloaded (Python itself is not instrumented).
 #
 # PYTHON defaults to .venv/bin/python (make's environment); PYTEST_ARGS are passed to pytest.
 set -euo pipefail
@@ -37,5 +38,6 @@ export MMDET_DCNV2_SANITIZE=1
 export PYTHONPATH="$PWD/build/sanitize/pkg:$PWD/tests"
 # torch.compile tests are left out: inductor compiles and loads its own C++ under the preloaded runtime.
 LD_PRELOAD="$PRELOAD" "$PYTHON" -P -m pytest -q -p no:cacheprovider -k "not torch_compile" \
-  tests/test_modulated_deform_conv.py tests/test_deform_roi_pool.py tests/test_cuda_host.py ${PYTEST_ARGS:-}
+  tests/test_modulated_deform_conv.py tests/test_cpu_gemm_route.py tests/test_deform_roi_pool.py tests/test_cuda_host.py \
+  ${PYTEST_ARGS:-}
 echo "sanitize: passed; build $((built - start)) s, tests (including the host-run build) $(( $(date +%s) - built )) s"
