@@ -30,6 +30,7 @@ SOURCES = [
     CSRC / "deform_conv.cpp",
     CSRC / "deform_roi_pool.cpp",
     CSRC / "cpu" / "cpu_isa.cpp",  # the shared driver asks it which CPU GEMM route to take
+    CSRC / "cpu" / "transpose_f32.cpp",  # the shared driver's float transposes (cpu/transpose.h)
     CSRC / "cuda" / "host_run" / "deform_conv_kernel.cpp",
     CSRC / "cuda" / "host_run" / "deform_roi_pool_kernel.cpp",
     CSRC / "cuda" / "host_run" / "knobs.cpp",
