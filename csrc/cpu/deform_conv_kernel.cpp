@@ -9,8 +9,9 @@
 // vectorises. (The incumbents gather one channel at a time with the weights recomputed per channel;
 // a gather per sample is what made our earlier channel-major fill cost as much as the GEMM.)
 //
-// Backward: grad_input is a scatter through the same plan into a padded channels-last gradient, in
-// parallel over (image, channel block) so that each thread owns the channels it writes; grad_offset
+// Backward: grad_input is a scatter through the same plan into a padded channels-last gradient kept
+// in blocks of channels, in parallel over (image, channel block) so that each thread owns the channels
+// -- and the memory -- it writes; grad_offset
 // and grad_mask are four dot products over a group's channels per sample, with fixed-width partial
 // sums. No atomics: results are bitwise identical run to run, whatever the thread count (ATen's GEMMs
 // aside, which may round differently at other thread counts).
@@ -138,7 +139,7 @@ DCN_INLINE void sample_channels(const scalar_t* __restrict__ x, int64_t n, int64
 }
 
 // The transpose of sample_channels: gx_j[i] += w[j] * grad[i] for the four corners (disjoint ranges:
-// n never exceeds `right`, the channel count).
+// n never exceeds `right`, the pixel stride of the gradient's block of channels).
 template <typename scalar_t, typename acc_t>
 DCN_INLINE void scatter_channels(const scalar_t* __restrict__ grad, int64_t n, int64_t right, int64_t down,
                                  const acc_t w[4], acc_t* gx) {
@@ -300,11 +301,17 @@ class CpuColumns final : public ColumnKernels {
 
   void finish_backward(ConvGrads& grads) override {
     if (!padded_grad_.defined()) return;
-    // grads.input[n, c, y, x] += padded_grad[n, y + kPadTop, x + kPadLeft, c]: (W, C) transposes.
-    const int64_t c = g_.in_channels, plane = g_.plane();
-    transpose_batched<true>(padded_grad_.const_data_ptr<acc_t>() + (kPadTop * pad_width_ + kPadLeft) * c, c,
-                            grads.input.data_ptr<acc_t>(), plane, g_.width, c, {g_.batch, pad_plane_ * c, c * plane},
-                            {g_.height, pad_width_ * c, g_.width});
+    // grads.input[n, lo + c, y, x] += padded_grad[n, blk, y + kPadTop, x + kPadLeft, c] for each block
+    // of channels [lo, hi): (W, hi - lo) transposes.
+    const int64_t channels = g_.in_channels, plane = g_.plane(), block = grad_block_;
+    const int64_t blocks = (channels + block - 1) / block, block_plane = pad_plane_ * block;
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t lo = blk * block, hi = std::min(channels, lo + block);
+      transpose_batched<true>(
+          padded_grad_.const_data_ptr<acc_t>() + blk * block_plane + (kPadTop * pad_width_ + kPadLeft) * block, block,
+          grads.input.data_ptr<acc_t>() + lo * plane, plane, g_.width, hi - lo,
+          {g_.batch, blocks * block_plane, channels * plane}, {g_.height, pad_width_ * block, g_.width});
+    }
   }
 
   // columns[q * C_in * taps + position of (channel, kernel point)] = modulated sample (kPixelMajor).
@@ -394,7 +401,15 @@ class CpuColumns final : public ColumnKernels {
     TORCH_INTERNAL_ASSERT(!fold_mask_, "backprop_columns needs a plan with the mask kept apart");
     const scalar_t* gc = grad_columns.const_data_ptr<scalar_t>();
     if (grads.input.defined()) {
-      if (!padded_grad_.defined()) padded_grad_ = at::zeros(padded_.sizes(), grads.input.options());
+      if (!padded_grad_.defined()) {
+        // One block of channels per scatter task, each block a plane of its own: the threads write
+        // disjoint stretches of memory (interleaved channel ranges of one channels-last buffer
+        // tripled the scatter's CPU time on two threads -- lines bouncing between the cores, by all
+        // appearances through the prefetchers). Fixed for the call, from its first tile.
+        grad_block_ = scatter_block();
+        const int64_t blocks = (g_.in_channels + grad_block_ - 1) / grad_block_;
+        padded_grad_ = at::zeros({g_.batch, blocks, g_.height + 3, g_.width + 2, grad_block_}, grads.input.options());
+      }
       scatter_grad_input(gc, padded_grad_.data_ptr<acc_t>());
     }
     if (grads.offset.defined()) {
@@ -557,7 +572,7 @@ class CpuColumns final : public ColumnKernels {
   // Each task owns one block of channels of one image's padded gradient: no two threads write alike,
   // and every element receives its contributions in the same order whatever the thread count.
   void scatter_grad_input(const scalar_t* grad_columns, acc_t* padded_grad) {
-    const int64_t block = scatter_block(), blocks = (g_.in_channels + block - 1) / block;
+    const int64_t block = grad_block_, blocks = (g_.in_channels + block - 1) / block;
     const CpuIsa isa = loop_isa(kScatterIsa);
     at::parallel_for(
         0, tile_.count * blocks, grain_for(tile_.width() * plan_rows() * block),
@@ -581,17 +596,18 @@ class CpuColumns final : public ColumnKernels {
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / blocks, lo = (task % blocks) * block;
       const int64_t hi = std::min(g_.in_channels, lo + block);
+      // This block's plane of the image's padded gradient: (H + 3, W + 2, block).
+      acc_t* gx = padded_grad + ((tile_.n0 + b) * blocks + task % blocks) * pad_plane_ * block;
       for (int64_t q = b * width; q < (b + 1) * width; ++q) {
-        acc_t* gx = image(padded_grad, q);
         for (int64_t row = 0; row < rows; ++row) {
           const int64_t e = plan_.entry(q, row);
           if (plan_.base[e] == 0) continue;  // outside the map: all four corners are padding
           acc_t w[4];
           plan_.modulated_weights(e, w);
-          acc_t* corner = gx + int64_t(plan_.base[e]) * g_.in_channels;
+          acc_t* corner = gx + int64_t(plan_.base[e]) * block;
           for_each_channel_run(row, lo, hi, [&](int64_t c0, int64_t c1, int64_t position) DCN_LAMBDA_INLINE {
-            scatter_channels<scalar_t, acc_t>(grad_columns + q * row_len + position, c1 - c0, g_.in_channels, down(), w,
-                                              corner + c0);
+            scatter_channels<scalar_t, acc_t>(grad_columns + q * row_len + position, c1 - c0, block, pad_width_ * block,
+                                              w, corner + (c0 - lo));
           });
         }
       }
@@ -658,7 +674,9 @@ class CpuColumns final : public ColumnKernels {
   const bool fold_mask_;
   std::vector<int32_t> base_y_, base_x_;  // per output pixel: y and x of its kernel point (0, 0)
   ColumnTile tile_{};
-  at::Tensor padded_, padded_grad_;  // channels last: (N, H + 3, W + 2, C)
+  at::Tensor padded_;       // channels last: (N, H + 3, W + 2, C)
+  at::Tensor padded_grad_;  // in blocks of channels: (N, C / grad_block_, H + 3, W + 2, grad_block_)
+  int64_t grad_block_ = 0;
   Plan<acc_t> plan_;
 };
 
