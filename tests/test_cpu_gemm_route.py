@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import mmdet_dcnv2.ops as ops
+from cases import ConvCase
 from mmdet_dcnv2.ops import modulated_deform_conv2d
 from reference import modulated_deform_conv2d_ref
 
@@ -268,47 +269,38 @@ def test_every_isa_matches_reference_and_repeats(dtype, gen):
 # ---- the fused forward (oneDNN's brgemm microkernel per block of output pixels) ----
 
 
-def fused_case(
-    gen,
-    n=2,
-    c=16,
-    cout=None,
-    size=12,
-    kernel=(3, 3),
-    stride=1,
-    padding=1,
-    dilation=1,
-    groups=1,
-    deform_groups=1,
-    bias=True,
-):
-    """float32 inputs for one call: offsets of a few pixels (samples overlap and reach past the border)."""
-    cout = c if cout is None else cout
-    x = torch.randn(n, c, size, size, generator=gen)
-    weight = 0.1 * torch.randn(cout, c // groups, *kernel, generator=gen)
-    span = [dilation * (k - 1) + 1 for k in kernel]
-    out = [(size + 2 * padding - s) // stride + 1 for s in span]
-    taps = kernel[0] * kernel[1]
-    offset = 3 * torch.randn(n, 2 * deform_groups * taps, *out, generator=gen)
-    mask = torch.rand(n, deform_groups * taps, *out, generator=gen)
-    b = torch.randn(cout, generator=gen) if bias else None
-    return [x, offset, mask, weight, b], (stride, padding, dilation, groups, deform_groups)
+def fused_case(gen, case):
+    """float32 inputs and params of a ConvCase for one call."""
+    return case.tensors(gen, dtype=torch.float32), case.params
 
 
+# Offsets "far": about half the samples land well outside the map.
 FUSED_CASES = [
     # pixels not a multiple of the 64-row blocks, channels not a multiple of 8
-    pytest.param(dict(n=2, c=12, size=13), id="tails"),
-    pytest.param(dict(n=3, c=16, size=12, groups=2, deform_groups=4, bias=False), id="groups2_dg4_nobias"),
-    pytest.param(dict(n=2, c=12, size=11, groups=2, deform_groups=3), id="groups_across_deform_groups"),
+    pytest.param(ConvCase(n=2, cin=12, cout=12, size=13, offsets="far"), id="tails"),
+    pytest.param(
+        ConvCase(n=3, cin=16, cout=16, size=12, groups=2, deform_groups=4, bias=False, offsets="far"),
+        id="groups2_dg4_nobias",
+    ),
+    pytest.param(
+        ConvCase(n=2, cin=12, cout=12, size=11, groups=2, deform_groups=3, offsets="far"),
+        id="groups_across_deform_groups",
+    ),
     # 80 * 9 = 720 values per pixel: two chunks of kernel points; 300 outputs: two blocks of 256
-    pytest.param(dict(n=1, c=80, cout=300, size=19), id="chunks_outblocks"),
+    pytest.param(ConvCase(n=1, cin=80, cout=300, size=19, offsets="far"), id="chunks_outblocks"),
     # per group: 80 channels (two chunks) and 300 outputs (two blocks), for both groups
-    pytest.param(dict(n=1, c=160, cout=600, size=9, groups=2), id="groups2_chunks_outblocks"),
+    pytest.param(ConvCase(n=1, cin=160, cout=600, size=9, groups=2, offsets="far"), id="groups2_chunks_outblocks"),
     # 600 channels per kernel point: each point's channels in two pieces
-    pytest.param(dict(n=2, c=600, cout=40, size=7, kernel=(1, 1), padding=0), id="1x1_channel_pieces"),
-    pytest.param(dict(n=1, c=24, size=17, kernel=(5, 5), stride=2, padding=0, dilation=2), id="5x5_stride2_dil2"),
-    pytest.param(dict(n=2, c=8, size=10, kernel=(3, 2), padding=0, deform_groups=2), id="3x2_kernel"),
-    pytest.param(dict(n=2, c=64, size=5, deform_groups=4), id="tiny_map"),
+    pytest.param(ConvCase(n=2, cin=600, cout=40, size=7, kernel=1, padding=0, offsets="far"), id="1x1_channel_pieces"),
+    pytest.param(
+        ConvCase(n=1, cin=24, cout=24, size=17, kernel=5, stride=2, padding=0, dilation=2, offsets="far"),
+        id="5x5_stride2_dil2",
+    ),
+    pytest.param(
+        ConvCase(n=2, cin=8, cout=8, size=10, kernel=(3, 2), padding=0, deform_groups=2, offsets="far"),
+        id="3x2_kernel",
+    ),
+    pytest.param(ConvCase(n=2, cin=64, cout=64, size=5, deform_groups=4, offsets="far"), id="tiny_map"),
 ]
 
 
@@ -320,9 +312,9 @@ def forward(tensors, params):
     return forward_with(modulated_deform_conv2d, tensors, params)
 
 
-@pytest.mark.parametrize("kwargs", FUSED_CASES)
-def test_fused_forward_matches_reference_and_tiled_route(kwargs, gen):
-    tensors, params = fused_case(gen, **kwargs)
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_fused_forward_matches_reference_and_tiled_route(case, gen):
+    tensors, params = fused_case(gen, case)
     with env("MMDET_DCNV2_CPU_GEMM", "brgemm"):
         assert FORWARD(torch.float32) == "brgemm"
         fused = forward(tensors, params)
@@ -333,11 +325,11 @@ def test_fused_forward_matches_reference_and_tiled_route(kwargs, gen):
     torch.testing.assert_close(fused, tiled, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kwargs", FUSED_CASES[:4])
-def test_fused_forward_is_bitwise_the_same_at_any_thread_count(kwargs, gen):
+@pytest.mark.parametrize("case", FUSED_CASES[:4])
+def test_fused_forward_is_bitwise_the_same_at_any_thread_count(case, gen):
     """Every output element comes from one task with the same kernel shapes, whatever the number of
     threads (which changes the pixels per task): the same bits on 1, 2 and 3 threads, run to run."""
-    tensors, params = fused_case(gen, **kwargs)
+    tensors, params = fused_case(gen, case)
     with env("MMDET_DCNV2_CPU_GEMM", "brgemm"):
         runs = []
         for threads in (1, 2, 3, 1):
@@ -350,7 +342,7 @@ def test_fused_forward_is_bitwise_the_same_at_any_thread_count(kwargs, gen):
 def test_fused_forward_passes_a_non_finite_mask_through(gen):
     """A sample outside the map contributes 0 * mask: NaN for a NaN or infinite mask, as in the
     reference (mmcv, torchvision and the CUDA kernel agree); elsewhere the result is unchanged."""
-    tensors, params = fused_case(gen, n=1, c=8, size=9)
+    tensors, params = fused_case(gen, ConvCase(n=1, cin=8, cout=8, size=9, offsets="smooth"))
     x, offset, mask, weight, b = tensors
     offset, mask = offset.clone(), mask.clone()
     offset[0, 0, 4, 4] = 1e30  # kernel point 0 of pixel (4, 4) lands far outside the map
@@ -367,7 +359,7 @@ def test_fused_forward_passes_a_non_finite_mask_through(gen):
 
 
 def test_fused_forward_empty_batch_and_channels(gen):
-    tensors, params = fused_case(gen, n=2, c=8, size=6)
+    tensors, params = fused_case(gen, ConvCase(n=2, cin=8, cout=8, size=6))
     x, offset, mask, weight, b = tensors
     with env("MMDET_DCNV2_CPU_GEMM", "brgemm"):
         empty = forward([x[:0], offset[:0], mask[:0], weight, b], params)
@@ -379,7 +371,7 @@ def test_fused_forward_empty_batch_and_channels(gen):
 def test_fused_forward_only_where_onednn_is_on(gen):
     """With torch.backends.mkldnn off the forward takes the tiled mm route (ATen's brgemm would fall
     back to one BLAS call per block): the same results within float tolerance."""
-    tensors, params = fused_case(gen, n=2, c=12, size=13)
+    tensors, params = fused_case(gen, ConvCase(n=2, cin=12, cout=12, size=13, offsets="far"))
     with env("MMDET_DCNV2_CPU_GEMM", "brgemm"):
         want = forward(tensors, params)
         with torch.backends.mkldnn.flags(enabled=False):
@@ -392,7 +384,7 @@ def test_fused_forward_only_where_onednn_is_on(gen):
 
 def test_fused_forward_in_every_isa_build(gen):
     """The plan, fill and transposes of each build, under the fused forward."""
-    tensors, params = fused_case(gen, n=2, c=12, size=13, deform_groups=2)
+    tensors, params = fused_case(gen, ConvCase(n=2, cin=12, cout=12, size=13, deform_groups=2, offsets="far"))
     with env("MMDET_DCNV2_CPU_GEMM", "brgemm"):
         with env("MMDET_DCNV2_CPU_ISA", "baseline"):
             baseline = forward(tensors, params)
