@@ -166,10 +166,6 @@ bool mkl_capped_below_cpu() {
   return capped;
 }
 
-}  // namespace
-
-namespace {
-
 // MMDET_DCNV2_CPU_GEMM, checked: auto (or unset), brgemm, mm or onednn.
 std::string cpu_gemm_choice() {
   const char* env = std::getenv("MMDET_DCNV2_CPU_GEMM");
@@ -179,9 +175,8 @@ std::string cpu_gemm_choice() {
   return choice;
 }
 
-}  // namespace
-
-namespace {
+// torch built with oneDNN and the user not having switched it off (torch.backends.mkldnn.enabled).
+bool onednn_enabled() { return AT_MKLDNN_ENABLED() && at::globalContext().userEnabledMkldnn(); }
 
 // Whether oneDNN's JIT may use AVX2: ONEDNN_MAX_CPU_ISA (or its older name DNNL_MAX_CPU_ISA) can cap
 // it below, and then ATen's brgemm runs its BLAS fallback instead of the microkernel.
@@ -200,12 +195,11 @@ bool onednn_allows_avx2() {
 
 bool cpu_fused_forward(at::ScalarType dtype) {
   const std::string choice = cpu_gemm_choice();
-  // The microkernel is oneDNN's, through ATen's cpublas::brgemm: float32, torch built with oneDNN and
-  // the user not having switched it off (torch.backends.mkldnn.enabled), and a CPU (and cap) that
-  // gives its JIT AVX2 at least -- elsewhere ATen would fall back to one BLAS call per block. mm and
-  // onednn ask for the tiled forward on that route.
-  return dtype == at::kFloat && (choice == "auto" || choice == "brgemm") && AT_MKLDNN_ENABLED() &&
-         at::globalContext().userEnabledMkldnn() && cpu_isa_supported() != CpuIsa::kBaseline && onednn_allows_avx2();
+  // The microkernel is oneDNN's, through ATen's cpublas::brgemm: float32, oneDNN enabled, and a CPU
+  // (and cap) that gives its JIT AVX2 at least -- elsewhere ATen would fall back to one BLAS call per
+  // block. mm and onednn ask for the tiled forward on that route.
+  return dtype == at::kFloat && (choice == "auto" || choice == "brgemm") && onednn_enabled() &&
+         cpu_isa_supported() != CpuIsa::kBaseline && onednn_allows_avx2();
 }
 
 CpuGemm cpu_gemm_route(at::ScalarType dtype, ColumnLayout layout) {
@@ -214,8 +208,7 @@ CpuGemm cpu_gemm_route(at::ScalarType dtype, ColumnLayout layout) {
   // (torch.backends.mkldnn.enabled), pixel-major columns, and a dtype it computes in full: float32,
   // and bfloat16 where the CPU has the AVX-512 subsets ATen's oneDNN bfloat16 path requires.
   // float64 and float16 stay on at::mm.
-  bool possible = AT_MKLDNN_ENABLED() && at::globalContext().userEnabledMkldnn() &&
-                  layout == ColumnLayout::kPixelMajor &&
+  bool possible = onednn_enabled() && layout == ColumnLayout::kPixelMajor &&
                   (dtype == at::kFloat || (dtype == at::kBFloat16 && cpu_isa_supported() == CpuIsa::kAvx512));
   if (!possible || choice == "mm") return CpuGemm::kMm;
   if (choice == "onednn") return CpuGemm::kOneDnn;

@@ -139,8 +139,9 @@ const char* cpu_gemm_name(CpuGemm route);
 
 // Whether a CPU forward of this dtype runs fused instead (cpu/deform_conv_kernel.cpp): the columns of
 // a block of output pixels filled and multiplied while they are in cache, by oneDNN's batch-reduce
-// GEMM microkernel, never materialised for the whole tile. float32 unless MMDET_DCNV2_CPU_GEMM is mm
-// or onednn (which ask for the tiled forward on that route).
+// GEMM microkernel, never materialised for the whole tile. float32 where oneDNN is enabled and its JIT
+// may use AVX2, unless MMDET_DCNV2_CPU_GEMM is mm or onednn (which ask for the tiled forward on that
+// route).
 bool cpu_fused_forward(at::ScalarType dtype);
 
 // The device-independent part: tiling the batch under the column budget and the GEMMs with the

@@ -341,16 +341,8 @@ class CpuColumns final : public ColumnKernels {
     // B of group grp: (taps * cpg, C_out / groups) row-major, rows in the columns' (k, c) order:
     // B[grp][k * cpg + c][o] = weight[grp * out_pg + o][c][k], one reordering transpose.
     at::Tensor b = at::empty({g_.groups, k_group, out_pg}, weight.options());
-    const float* w_data = weight.const_data_ptr<float>();
-    float* b_rows = b.data_ptr<float>();
-    at::parallel_for(0, g_.groups * out_pg, kTransposeBlock, [&](int64_t r0, int64_t r1) {
-      while (r0 < r1) {  // rows of one group at a time
-        const int64_t grp = r0 / out_pg, end = std::min(r1, (grp + 1) * out_pg);
-        transpose_f32(w_data + r0 * k_group, k_group, end - r0, k_group, b_rows + grp * k_group * out_pg + r0 % out_pg,
-                      out_pg, false, nullptr, taps);
-        r0 = end;
-      }
-    });
+    transpose_batched<false>(weight.const_data_ptr<float>(), k_group, b.data_ptr<float>(), out_pg, out_pg, k_group,
+                             {g_.groups, out_pg * k_group, k_group * out_pg}, {1, 0, 0}, taps);
     const float* b_data = b.const_data_ptr<float>();
     const float* bias_data = bias.has_value() ? bias->const_data_ptr<float>() : nullptr;
     const int64_t block = fused_block_pixels();

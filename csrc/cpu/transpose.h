@@ -52,10 +52,10 @@ struct TransposeBatch {
 };
 
 // For each (outer, inner) batch: a (rows, cols) transpose as above, in parallel over batches and
-// blocks of rows.
+// blocks of rows. taps > 1 (float32 only) reorders the output rows as transpose_f32 does.
 template <bool kAccumulate, typename in_t, typename out_t>
 void transpose_batched(const in_t* in, int64_t in_i, out_t* out, int64_t out_j, int64_t rows, int64_t cols,
-                       TransposeBatch outer, TransposeBatch inner = {1, 0, 0}) {
+                       TransposeBatch outer, TransposeBatch inner = {1, 0, 0}, int64_t taps = 1) {
   constexpr int64_t kRowsPerTask = kTransposeBlock * 4;
   const int64_t row_blocks = (rows + kRowsPerTask - 1) / kRowsPerTask;
   const int64_t per_batch = inner.count * row_blocks;
@@ -68,8 +68,9 @@ void transpose_batched(const in_t* in, int64_t in_i, out_t* out, int64_t out_j, 
       const in_t* src = in + bo * outer.in + bi * inner.in + r0 * in_i;
       out_t* dst = out + bo * outer.out + bi * inner.out + r0;
       if constexpr (std::is_same_v<in_t, float> && std::is_same_v<out_t, float>) {
-        transpose_f32(src, in_i, r1 - r0, cols, dst, out_j, kAccumulate);
+        transpose_f32(src, in_i, r1 - r0, cols, dst, out_j, kAccumulate, nullptr, taps);
       } else {
+        TORCH_CHECK(taps == 1, "transpose_batched: reordering rows (taps > 1) is float32 only");
         transpose_block<kAccumulate>(src, in_i, dst, out_j, r1 - r0, cols);
       }
     }
